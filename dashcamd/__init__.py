@@ -1,0 +1,1 @@
+"""dashcamd: anonymise dashcam footage unattended (faces and plates blurred, h264 out)."""
