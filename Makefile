@@ -1,0 +1,30 @@
+# Two commands: `make run` (install and start the daemon on ./var/import -> ./var/output) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is pinned first where a local copy exists; elsewhere pip picks torch>=2.2 itself.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: install install-test run test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" || true
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)" || true
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+
+run: install
+	mkdir -p var/import var/output var/state
+	$(BIN)/dashcamd run --config config.example.toml
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

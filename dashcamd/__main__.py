@@ -1,0 +1,3 @@
+from dashcamd.cli import main
+
+raise SystemExit(main())

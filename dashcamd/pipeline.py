@@ -1,0 +1,278 @@
+"""One clip, start to finish: decode → detect (batched) → track → redact → encode → verify → publish.
+
+Three threads overlap the stages: the reader decodes ahead, this thread runs the detector and the
+temporal filter, the writer thread redacts and encodes. Bounded queues between them keep memory flat:
+at most the tracker's look-ahead plus a few batches of frames are alive at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from dashcamd import publish
+from dashcamd.config import Settings
+from dashcamd.errors import SourceChanged, TransientError
+from dashcamd.media import ClipReader, ClipWriter, DecodedFrame, probe
+from dashcamd.redact import RedactBox, Redactor
+from dashcamd.track import TemporalFilter
+
+QUEUE_TIMEOUT_S = 0.5
+_END = object()
+
+log = structlog.get_logger()
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class ClipReport:
+    """What one processed clip looked like; the fields go into the canonical log line."""
+
+    output: str
+    frames: int
+    seconds: float
+    fps: float
+    realtime_factor: float
+    detections: dict[str, int] = field(default_factory=dict)
+    redacted_frames: int = 0
+
+    def as_fields(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_detector(settings: Settings):
+    """Build the detector once per process, with CPU threads that leave room for the encoder."""
+    import torch
+
+    from dashcamd.detect import Detector
+
+    threads = settings.detector.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    return Detector(
+        settings.detector.weights,
+        device=settings.detector.device,
+        thresholds=settings.detector.thresholds,
+        inference_size=settings.detector.inference_size,
+        batch_size=settings.detector.batch_size,
+        iou_threshold=settings.detector.iou_threshold,
+    )
+
+
+def process_clip(
+    source: Path,
+    output: Path,
+    settings: Settings,
+    detector,
+    *,
+    on_progress: ProgressCallback | None = None,
+    boxes_path: Path | None = None,
+) -> ClipReport:
+    """Write the redacted clip to ``output`` atomically. The source is only ever read.
+
+    Raises InvalidClip (never retry), TransientError / SourceChanged (retry), or whatever the callback
+    raises (cancellation). On any failure no partial file is left at ``output``.
+    """
+    started = time.monotonic()
+    info = probe(source)
+    before = _identity(source)
+    if boxes_path is None and settings.output.boxes_sidecar:
+        boxes_path = output.with_suffix(".boxes.jsonl")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as unwritable:
+        raise TransientError(f"cannot create output folder {output.parent}: {unwritable.strerror}") from unwritable
+    temp_video = publish.temp_path_for(output)
+    temp_boxes = publish.temp_path_for(boxes_path) if boxes_path else None
+    try:
+        with ClipReader(source) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
+            boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
+            try:
+                counts, frames, redacted = _run_stages(
+                    reader, writer, settings, detector, info.frame_count, on_progress, boxes_file
+                )
+            finally:
+                if boxes_file is not None:
+                    boxes_file.close()
+        publish.verify_output(info, temp_video)
+        if _identity(source) != before:
+            raise SourceChanged(f"{source} changed while it was processed")
+        publish.publish(temp_video, output)
+        if temp_boxes is not None and boxes_path is not None:
+            publish.publish(temp_boxes, boxes_path)
+    finally:
+        for temp in (temp_video, temp_boxes):
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+    seconds = time.monotonic() - started
+    fps = frames / seconds if seconds > 0 else 0.0
+    return ClipReport(
+        output=str(output),
+        frames=frames,
+        seconds=round(seconds, 3),
+        fps=round(fps, 2),
+        realtime_factor=round(fps / float(info.avg_fps), 3) if info.avg_fps else 0.0,
+        detections=counts,
+        redacted_frames=redacted,
+    )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError as gone:
+        raise TransientError(f"source unavailable: {gone.strerror}") from gone
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _run_stages(
+    reader: ClipReader,
+    writer: ClipWriter,
+    settings: Settings,
+    detector,
+    frames_total: int,
+    on_progress: ProgressCallback | None,
+    boxes_file: TextIO | None,
+) -> tuple[dict[str, int], int, int]:
+    """Returns (detections per class, frames written, frames with at least one redacted region)."""
+    info = reader.info
+    temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride)
+    batch_size = settings.detector.batch_size
+    decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    redact_queue: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+    encode_stats = {"frames": 0, "redacted": 0}
+
+    decode_thread = threading.Thread(
+        target=_decode_stage, args=(reader.frames(), decoded, stop, failure), name="dashcamd-decode", daemon=True
+    )
+    encode_thread = threading.Thread(
+        target=_encode_stage,
+        args=(redact_queue, writer, Redactor(settings.redact), boxes_file, stop, failure, encode_stats),
+        name="dashcamd-encode",
+        daemon=True,
+    )
+    decode_thread.start()
+    encode_thread.start()
+    counts = {name: 0 for name in detector.names}
+    window: dict[int, DecodedFrame] = {}
+    try:
+        for batch in _batches(decoded, batch_size, stop, failure):
+            to_detect = [f for f in batch if f.index % settings.detector.detection_stride == 0]
+            detections = dict(zip((f.index for f in to_detect), detector.detect([f.rgb for f in to_detect])))
+            for frame in batch:
+                window[frame.index] = frame
+                found = detections.get(frame.index)
+                for box in found or ():
+                    counts[box.label] = counts.get(box.label, 0) + 1
+                _hand_over(temporal.push(frame.index, found), window, redact_queue, stop, failure)
+            if on_progress is not None:
+                on_progress(batch[-1].index + 1, frames_total)
+        _hand_over(temporal.flush(), window, redact_queue, stop, failure)
+        _put(redact_queue, _END, stop, failure)
+        encode_thread.join()
+        decode_thread.join()
+    finally:
+        stop.set()
+        encode_thread.join()
+        decode_thread.join()
+    if failure:
+        raise failure[0]
+    if on_progress is not None:
+        on_progress(encode_stats["frames"], frames_total)
+    return counts, encode_stats["frames"], encode_stats["redacted"]
+
+
+def _decode_stage(frames: Iterator[DecodedFrame], out: queue.Queue, stop: threading.Event,
+                  failure: list[BaseException]) -> None:
+    try:
+        for frame in frames:
+            if not _put(out, frame, stop, failure):
+                return
+        _put(out, _END, stop, failure)
+    except BaseException as error:  # handed to the main thread, which re-raises it
+        failure.append(error)
+        stop.set()
+
+
+def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor, boxes_file: TextIO | None,
+                  stop: threading.Event, failure: list[BaseException], stats: dict[str, int]) -> None:
+    try:
+        while True:
+            item = _get(in_queue, stop)
+            if item is _END or item is None:
+                return
+            frame, boxes = item
+            redactor.apply(frame.rgb, boxes)
+            writer.write(frame.rgb, frame.pts)
+            stats["frames"] += 1
+            stats["redacted"] += bool(boxes)
+            if boxes_file is not None:
+                boxes_file.write(_boxes_line(frame, boxes))
+    except BaseException as error:
+        failure.append(error)
+        stop.set()
+
+
+def _boxes_line(frame: DecodedFrame, boxes: list[RedactBox]) -> str:
+    pts_s = float(frame.pts * frame.time_base) if frame.pts is not None else None
+    rounded = [[round(b.x1, 1), round(b.y1, 1), round(b.x2, 1), round(b.y2, 1), b.label, round(b.score, 3),
+                b.source] for b in boxes]
+    return json.dumps({"frame": frame.index, "pts": pts_s, "boxes": rounded}) + "\n"
+
+
+def _batches(decoded: queue.Queue, batch_size: int, stop: threading.Event,
+             failure: list[BaseException]) -> Iterator[list[DecodedFrame]]:
+    batch: list[DecodedFrame] = []
+    while True:
+        item = _get(decoded, stop)
+        if item is None:  # stopped because another stage failed
+            if failure:
+                raise failure[0]
+            return
+        if item is _END:
+            if batch:
+                yield batch
+            return
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+
+
+def _hand_over(final: list[tuple[int, list[RedactBox]]], window: dict[int, DecodedFrame],
+               out: queue.Queue, stop: threading.Event, failure: list[BaseException]) -> None:
+    for index, boxes in final:
+        if not _put(out, (window.pop(index), boxes), stop, failure):
+            raise failure[0] if failure else RuntimeError("pipeline stopped")
+
+
+def _put(out: queue.Queue, item: object, stop: threading.Event, failure: list[BaseException]) -> bool:
+    """Block until there is room, unless the pipeline is stopping (then False)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=QUEUE_TIMEOUT_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(in_queue: queue.Queue, stop: threading.Event) -> object | None:
+    """Next item, or None once the pipeline is stopping."""
+    while not stop.is_set():
+        try:
+            return in_queue.get(timeout=QUEUE_TIMEOUT_S)
+        except queue.Empty:
+            continue
+    return None

@@ -1,0 +1,7 @@
+"""`python -m dashcamd.train`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""Command line of `python -m dashcamd.train` (and `dashcamd train`): `fit` a run, `export` its weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path("/work/shared/data/train")
+DEFAULT_LABELS = Path(__file__).resolve().parents[2] / "var" / "labels"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dashcamd.train",
+                                 description="Train the face+plate detector, or export a run's weights.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train (or --resume / extend) a run")
+    fit.add_argument("--run-dir", type=Path, required=True, help="where last.pt / best.pt go")
+    fit.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if present")
+    fit.add_argument("--plates-dir", type=Path, default=DEFAULT_DATA / "plates_openimages")
+    fit.add_argument("--faces-dir", type=Path, default=DEFAULT_DATA / "faces_unlabelled")
+    fit.add_argument("--labels-dir", type=Path, default=DEFAULT_LABELS,
+                     help="teacher face labels written by tools/label_faces.py")
+    fit.add_argument("--face-min-score", type=float, default=0.5, help="teacher score kept as a face label")
+    fit.add_argument("--dev-fraction", type=float, default=0.1, help="share of TRAIN held out as dev")
+    fit.add_argument("--model-size", default="n")
+    fit.add_argument("--epochs", type=int, default=30, help="planned total; larger on --resume extends")
+    fit.add_argument("--batch-size", type=int, default=16)
+    fit.add_argument("--crop-px", type=int, default=384, help="square training crop size")
+    fit.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    fit.add_argument("--lr", type=float, default=0.002)
+    fit.add_argument("--final-lr-factor", type=float, default=0.05)
+    fit.add_argument("--warmup-epochs", type=float, default=1.0)
+    fit.add_argument("--eval-every-epochs", type=int, default=1)
+    fit.add_argument("--eval-size-px", type=int, default=640, help="dev images letterboxed to this")
+    fit.add_argument("--save-every-min", type=float, default=10.0)
+    fit.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    fit.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
+    fit.add_argument("--augment", type=json.loads, default={},
+                     help='AugmentConfig overrides as JSON, e.g. \'{"p_night": 0.3}\'')
+
+    exp = sub.add_parser("export", help="write a run checkpoint's EMA weights in the detector format")
+    exp.add_argument("checkpoint", type=Path, help="RUN_DIR/best.pt or last.pt")
+    exp.add_argument("output", type=Path, help="e.g. weights/dashcamd-n-v1.pt")
+    exp.add_argument("--fp32", action="store_true", help="keep float32 (default: float16)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "export":
+        from .export import export
+
+        meta = export(args.checkpoint, args.output, half=not args.fp32)
+        print(json.dumps(meta, indent=1))
+        return 0
+
+    from .dataset import load_samples
+    from .trainer import TrainConfig, train
+
+    train_s, dev_s = load_samples(args.plates_dir, args.faces_dir, args.labels_dir,
+                                  args.face_min_score, args.dev_fraction)
+    logging.getLogger(__name__).info("samples: %d train, %d dev", len(train_s), len(dev_s))
+    cfg = TrainConfig(run_dir=str(args.run_dir), model_size=args.model_size, epochs=args.epochs,
+                      batch_size=args.batch_size, crop_px=args.crop_px, optimizer=args.optimizer,
+                      lr=args.lr, final_lr_factor=args.final_lr_factor, warmup_epochs=args.warmup_epochs,
+                      eval_every_epochs=args.eval_every_epochs, eval_size_px=args.eval_size_px,
+                      save_every_min=args.save_every_min, workers=args.workers, threads=args.threads,
+                      seed=args.seed, max_steps=args.max_steps, augment=args.augment)
+    metrics = train(cfg, train_s, dev_s, resume=args.resume)
+    print(json.dumps(metrics))
+    return 0

@@ -1,0 +1,84 @@
+"""Optimiser parameter groups, the warm-up + cosine learning-rate schedule, and the weight EMA.
+
+The schedule is a pure function of (step, total steps) so a resumed or extended run recomputes it
+from the saved step counter; nothing else about it needs saving.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (momentum 0.937, Nesterov) or AdamW with three groups: decayed weights, BN weights, biases.
+
+    Decay on BatchNorm scales and biases only shrinks them towards a worse optimum, so they get none.
+    """
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if pname == "bias":
+                biases.append(p)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "kind": "weight"},
+              {"params": no_decay, "weight_decay": 0.0, "kind": "bn"},
+              {"params": biases, "weight_decay": 0.0, "kind": "bias"}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.937, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.937, 0.999))
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, final_factor: float) -> float:
+    """Multiplier of the base LR: cosine from 1 to final_factor over total_steps, times a linear
+    warm-up ramp over the first warmup_steps (large early updates on random weights diverge)."""
+    t = min(step, total_steps) / max(1, total_steps)
+    cosine = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
+    return cosine * min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float, step: int,
+           warmup_steps: int) -> None:
+    """Apply the factor; during warm-up SGD biases start high (0.1) and fall to the schedule, as
+    YOLOv5 does, because the objectness bias must move fast to stop predicting objects everywhere."""
+    warm = step < warmup_steps and isinstance(optimizer, torch.optim.SGD)
+    for g in optimizer.param_groups:
+        lr = base_lr * factor
+        if warm and g.get("kind") == "bias":
+            w = step / max(1, warmup_steps)
+            lr = 0.1 * (1 - w) + lr * w
+        g["lr"] = lr
+
+
+class ModelEMA:
+    """Exponential moving average of weights and buffers; the EMA model is what gets evaluated/shipped.
+
+    decay ramps up as decay * (1 - exp(-updates / tau)) so early, poor weights are forgotten fast.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        src = model.state_dict()
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(src[k].detach(), alpha=1 - d)
+            else:
+                v.copy_(src[k])

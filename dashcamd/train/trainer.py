@@ -1,0 +1,164 @@
+"""The training loop: batches, loss, optimiser step, EMA, dev eval, and resumable checkpoints.
+
+A run directory holds last.pt (written every epoch and every `save_every_min` minutes, mid-epoch
+included) and best.pt (best dev score, EMA weights). Both are written atomically (temp + rename)
+so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import model_api
+from .dataset import AugmentConfig, Sample, TrainDataset, collate
+from .dev_eval import evaluate
+from .loss import YoloV5Loss
+from .optim import ModelEMA, lr_factor, make_optimizer, set_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs to be reproduced; stored in every checkpoint."""
+
+    run_dir: str
+    model_size: str = "n"
+    epochs: int = 30
+    batch_size: int = 16
+    crop_px: int = 384
+    optimizer: str = "adamw"
+    lr: float = 0.002
+    final_lr_factor: float = 0.05
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    eval_every_epochs: int = 1
+    eval_size_px: int = 640
+    save_every_min: float = 10.0
+    workers: int = 0
+    threads: int = 2
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimiser steps (smoke tests); 0 = no limit
+    augment: dict = field(default_factory=dict)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """A per-epoch permutation from (seed, epoch), starting at `skip`: mid-epoch resume replays
+    exactly the batches not yet seen."""
+
+    def __init__(self, n: int, seed: int, epoch: int, skip: int):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        self.order = torch.randperm(n, generator=g)[skip:].tolist()
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sample], resume: bool) -> dict:
+    """Train (or continue) the run in cfg.run_dir. Returns the last dev metrics (may be empty).
+
+    On resume the epoch count of `cfg` wins, so passing a larger --epochs extends a finished run;
+    the cosine schedule is recomputed over the new total from the saved step.
+    """
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+
+    model = model_api.build(cfg.model_size)
+    strides, anchors_px = model_api.head_geometry(model)
+    loss_fn = YoloV5Loss(strides, anchors_px, len(model_api.CLASS_NAMES))
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    ema = ModelEMA(model)
+    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_score": -1.0, "history": []}
+    if resume and last_path.exists():
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        ema.updates = ckpt["ema_updates"]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        log.info("resumed %s at epoch %d batch %d step %d", last_path, state["epoch"],
+                 state["batch_in_epoch"], state["step"])
+
+    dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
+    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total_steps = cfg.epochs * batches_per_epoch
+    warmup_steps = max(round(cfg.warmup_epochs * batches_per_epoch), min(100, total_steps // 10))
+
+    def checkpoint(path: Path, **extra) -> None:
+        _atomic_save({"config": asdict(cfg), "model": model.state_dict(), "ema": ema.model.state_dict(),
+                      "ema_updates": ema.updates, "optimizer": optimizer.state_dict(),
+                      "state": state, **extra}, path)
+
+    last_save = time.monotonic()
+    metrics: dict = {}
+    while state["epoch"] < cfg.epochs:
+        epoch, skip = state["epoch"], state["batch_in_epoch"] * cfg.batch_size
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(len(dataset), cfg.seed, epoch, skip),
+            num_workers=cfg.workers, collate_fn=collate, drop_last=False,
+            persistent_workers=False)
+        model.train()
+        t_epoch, sums, n = time.monotonic(), torch.zeros(3), 0
+        for images, targets in loader:
+            set_lr(optimizer, cfg.lr, lr_factor(state["step"], total_steps, warmup_steps, cfg.final_lr_factor),
+                   state["step"], warmup_steps)
+            loss, parts = loss_fn(model(images), targets, cfg.crop_px)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # one bad batch must not wreck a CPU-week
+            optimizer.step()
+            ema.update(model)
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            sums += parts
+            n += 1
+            if state["step"] % 10 == 0:
+                box, obj, cls = (sums / n).tolist()
+                log.info("epoch %d batch %d/%d step %d lr %.5f box %.4f obj %.4f cls %.4f %.2fs/batch",
+                         epoch, state["batch_in_epoch"], batches_per_epoch, state["step"],
+                         optimizer.param_groups[0]["lr"], box, obj, cls, (time.monotonic() - t_epoch) / n)
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                checkpoint(last_path)
+                return metrics
+            if time.monotonic() - last_save > cfg.save_every_min * 60:
+                checkpoint(last_path)
+                last_save = time.monotonic()
+        epoch_s = time.monotonic() - t_epoch
+        state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        entry = {"epoch": epoch + 1, "step": state["step"], "epoch_s": round(epoch_s, 1),
+                 "loss_box_obj_cls": [round(v, 5) for v in (sums / max(n, 1)).tolist()]}
+        if dev_samples and ((epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs):
+            t_eval = time.monotonic()
+            metrics = evaluate(model_api.predictor(ema.model), dev_samples, cfg.eval_size_px)
+            entry.update(dev=metrics, eval_s=round(time.monotonic() - t_eval, 1))
+        state["history"].append(entry)
+        if metrics and metrics["score"] > state["best_score"]:
+            state["best_score"] = metrics["score"]
+            checkpoint(best_path, dev=metrics)
+        log.info("epoch done %s", json.dumps(entry))
+        checkpoint(last_path)
+        last_save = time.monotonic()
+    return metrics
