@@ -203,7 +203,18 @@ class Daemon:
             log.info("clip_queued", clip=str(path), job_id=job.id, size=size)
 
     def _on_invalid_file(self, path: Path, reason: str) -> None:
-        log.warning("clip_invalid", clip=str(path), error=reason)
+        """A file that settled but never opened as a clip: record it as quarantined, never retry it."""
+        watch_root = next((root for root in self.settings.paths.watch if path.is_relative_to(root)), path.parent)
+        try:
+            stat = path.stat()
+        except OSError:
+            return  # gone again: nothing to record
+        job = self.queue.enqueue(path, watch_root, stat.st_size, stat.st_mtime_ns)
+        if job is None:
+            return
+        self.queue.mark_quarantined(job.id, reason)
+        log.error("clip_quarantined", clip=str(path), job_id=job.id, error=reason)
+        self._move_to_quarantine(job)
 
     def _dispatch(self, worker: _WorkerHandle) -> None:
         job = self.queue.claim_next()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import model_api
-from .dataset import AugmentConfig, Sample, TrainDataset, collate
+from .dataset import CLASS_NAMES, AugmentConfig, Sample, TrainDataset, collate
 from .dev_eval import evaluate
 from .loss import YoloV5Loss
 from .optim import ModelEMA, lr_factor, make_optimizer, set_lr
@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
 
     model = model_api.build(cfg.model_size)
     strides, anchors_px = model_api.head_geometry(model)
-    loss_fn = YoloV5Loss(strides, anchors_px, len(model_api.CLASS_NAMES))
+    loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES))
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     ema = ModelEMA(model)
     state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_score": -1.0, "history": []}
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
                       "state": state, **extra}, path)
 
     last_save = time.monotonic()
-    metrics: dict = {}
+    metrics: dict = {}  # dev metrics of the latest epoch that was evaluated
     while state["epoch"] < cfg.epochs:
         epoch, skip = state["epoch"], state["batch_in_epoch"] * cfg.batch_size
         dataset.epoch = epoch
@@ -150,6 +150,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
         entry = {"epoch": epoch + 1, "step": state["step"], "epoch_s": round(epoch_s, 1),
                  "loss_box_obj_cls": [round(v, 5) for v in (sums / max(n, 1)).tolist()]}
+        metrics = {}
         if dev_samples and ((epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs):
             t_eval = time.monotonic()
             metrics = evaluate(model_api.predictor(ema.model), dev_samples, cfg.eval_size_px)

@@ -1,0 +1,400 @@
+"""Temporal coverage: turn per-frame detections into the boxes each frame must redact.
+
+Owns tracking (association, gap filling, padding, smoothing), frame memory, detection stride and
+privacy zones. Everything here works on a bounded look-ahead window, never on the whole clip.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from dashcamd.config import RedactSettings
+
+# Association gates, relative to the boxes: a centre may move at most one mean box diagonal away from
+# its prediction, and the size may change at most 2x per link. Loose on purpose: a wrong link only
+# changes how a gap is filled, never whether a detection is redacted.
+_CENTRE_GATE = 1.0
+_SIZE_RATIO_GATE = 2.0
+# Weight of the newest centre displacement in the track's velocity (an alpha-beta style update).
+_VELOCITY_ALPHA = 0.5
+# Temporal Gaussian sigma (frames) at smoothing = 1 and stride = 1; the window is +-2 sigma.
+_SMOOTH_SIGMA_MAX_FRAMES = 3.0
+# Extrapolated boxes may grow (an object approaching) but never beyond this factor, nor shrink.
+_PAD_MAX_GROWTH = 2.0
+
+
+class DetectionLike(Protocol):
+    """What the detector emits: a box in frame pixels (xyxy), a class label and a confidence."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+
+
+class RedactBox(NamedTuple):
+    """One area to redact in one frame, in frame pixels (xyxy, already enlarged).
+
+    Coordinates may lie partly outside the frame (an enlarged face at the edge keeps its shape);
+    the redactor clips. ``source`` is "detected" | "tracked" | "memory" | "zone".
+    """
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+    source: str
+
+
+FrameBoxes = tuple[int, list[RedactBox]]
+
+
+@dataclass
+class _Det:
+    box_xyxy: np.ndarray  # float64 (4,)
+    label: str
+    score: float
+
+
+@dataclass
+class _Track:
+    """Detections of one object; consecutive detections are at most gap_limit + 1 frames apart."""
+
+    label: str
+    start: int  # first frame ever detected (kept when old detections are trimmed)
+    frames: list[int] = field(default_factory=list)
+    boxes_xyxy: list[np.ndarray] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    velocity_xy: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre px per frame
+    closed: bool = False
+
+    @property
+    def last(self) -> int:
+        return self.frames[-1]
+
+
+def _read_detection(detection: DetectionLike | Sequence) -> _Det:
+    """Accept the detector's NamedTuple or any object with the six fields (attributes or tuple order)."""
+    if hasattr(detection, "x1"):
+        x1, y1, x2, y2 = detection.x1, detection.y1, detection.x2, detection.y2
+        label, score = detection.label, detection.score
+    else:
+        x1, y1, x2, y2, label, score = detection
+    coords = np.array([x1, y1, x2, y2], dtype=np.float64)
+    if not np.all(np.isfinite(coords)):
+        # Failing the clip is safer than publishing it with an object we cannot place.
+        raise ValueError(f"detection with non-finite coordinates: {coords.tolist()}")
+    x_lo, x_hi = sorted(coords[[0, 2]])
+    y_lo, y_hi = sorted(coords[[1, 3]])
+    return _Det(np.array([x_lo, y_lo, x_hi, y_hi]), str(label), float(score))
+
+
+def _centre_size(box_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (box_xyxy[:2] + box_xyxy[2:]) / 2.0, box_xyxy[2:] - box_xyxy[:2]
+
+
+def _from_centre_size(centre_xy: np.ndarray, size_wh: np.ndarray) -> np.ndarray:
+    return np.concatenate([centre_xy - size_wh / 2.0, centre_xy + size_wh / 2.0])
+
+
+def _iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> float:
+    inter_w = min(a_xyxy[2], b_xyxy[2]) - max(a_xyxy[0], b_xyxy[0])
+    inter_h = min(a_xyxy[3], b_xyxy[3]) - max(a_xyxy[1], b_xyxy[1])
+    if inter_w <= 0 or inter_h <= 0:
+        return 0.0
+    inter = inter_w * inter_h
+    area_a = (a_xyxy[2] - a_xyxy[0]) * (a_xyxy[3] - a_xyxy[1])
+    area_b = (b_xyxy[2] - b_xyxy[0]) * (b_xyxy[3] - b_xyxy[1])
+    return float(inter / max(area_a + area_b - inter, 1e-9))
+
+
+def _union(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.minimum(a_xyxy[:2], b_xyxy[:2]), np.maximum(a_xyxy[2:], b_xyxy[2:])])
+
+
+class TemporalFilter:
+    """Per-frame detections in, final per-frame redaction boxes out, with bounded delay.
+
+    Tracking: detections are linked per class by greedy matching on (1 - IoU) + centre distance
+    against a constant-velocity prediction (velocity = running mean of recent centre steps). A Kalman
+    filter would also smooth positions, but here positions are smoothed afterwards with look-ahead
+    (two-sided, so without the lag a causal filter has), and a wrong link cannot lose coverage: every
+    detection is output on its own frame whatever track it joins. So the cheap predictor is enough.
+
+    Per track: gaps of at most ``gap_limit`` frames are filled by linear interpolation; the track is
+    smoothed by a two-sided temporal Gaussian and each smoothed box is united with the unsmoothed one
+    (smoothing only ever grows a box); ends are extended ``pad`` frames with the track's velocity,
+    centre clamped inside the frame so an object entering or leaving keeps the edge covered.
+
+    Stride k: frames pushed with ``None`` were not run through the detector, so the gap limit is at
+    least k - 1 and padding at least k - 1 (the object may be present until the next detector run).
+    """
+
+    def __init__(
+        self, settings: RedactSettings, frame_size: tuple[int, int], detection_stride: int = 1
+    ) -> None:
+        width, height = frame_size
+        if width <= 0 or height <= 0:
+            raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
+        if detection_stride < 1:
+            raise ValueError(f"detection_stride must be >= 1, got {detection_stride}")
+        self._settings = settings
+        self._width, self._height = float(width), float(height)
+        self._track_enabled = settings.track
+        self._memory = settings.frame_memory
+        self._gap_limit = max(settings.max_gap, detection_stride - 1)
+        self._pad = max(settings.pad, detection_stride - 1)
+        # Pad velocity from detections within this many frames of a track's end: more than one
+        # detector run, so a single jittery box does not fling the extrapolation.
+        self._velocity_window = max(4, 2 * detection_stride)
+        sigma = _SMOOTH_SIGMA_MAX_FRAMES * settings.smoothing * detection_stride
+        self._smooth_radius = int(math.ceil(2.0 * sigma)) if sigma > 0 else 0
+        offsets = np.arange(-self._smooth_radius, self._smooth_radius + 1, dtype=np.float64)
+        self._smooth_weights = np.exp(-0.5 * (offsets / sigma) ** 2) if sigma > 0 else np.ones(1)
+
+        if self._track_enabled:
+            # Frame f is final once every input that can change it has been pushed:
+            # smoothing reads core boxes up to f + R, and a core box at t is known once the track
+            # is re-detected or dead (t + gap_limit); a backward pad needs a track starting by
+            # f + pad and its start velocity (velocity_window more frames).
+            back_pad_needs = self._pad + self._velocity_window if self._pad > 0 else 0
+            self.lookahead_frames = max(self._smooth_radius + self._gap_limit, back_pad_needs)
+        else:
+            self.lookahead_frames = 0
+
+        self._zone_boxes = [
+            RedactBox(z.x1 * width, z.y1 * height, z.x2 * width, z.y2 * height, "zone", 1.0, "zone")
+            for z in settings.zones
+        ]
+        self._tracks: list[_Track] = []
+        self._raw: dict[int, list[_Det] | None] = {}
+        self._held: list[_Det] = []  # last detector output, for skipped frames without tracking
+        self._next_push: int | None = None
+        self._next_final = 0
+        self._flushed = False
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def push(
+        self, frame_index: int, detections: Sequence[DetectionLike] | None
+    ) -> list[FrameBoxes]:
+        """Add one frame's detections (None = detector not run on it); return frames now final, in order.
+
+        Frames must be pushed consecutively; the first index pushed is the clip's start.
+        After this call every frame up to ``frame_index - lookahead_frames`` has been returned.
+        """
+        if self._flushed:
+            raise RuntimeError("push after flush")
+        if self._next_push is None:
+            self._next_push = self._next_final = frame_index
+        if frame_index != self._next_push:
+            raise ValueError(f"expected frame {self._next_push}, got {frame_index}")
+        self._next_push = frame_index + 1
+        dets = None if detections is None else [_read_detection(d) for d in detections]
+        self._raw[frame_index] = dets
+        for track in self._tracks:
+            # Too long unseen: a later detection of the object starts a new track, not a fill.
+            if not track.closed and frame_index - track.last > self._gap_limit + 1:
+                track.closed = True
+        if self._track_enabled and dets:
+            self._associate(frame_index, dets)
+        return self._finalize_until(frame_index - self.lookahead_frames)
+
+    def flush(self) -> list[FrameBoxes]:
+        """End of clip: return every frame not yet returned."""
+        self._flushed = True
+        if self._next_push is None:
+            return []
+        return self._finalize_until(self._next_push - 1)
+
+    def _associate(self, frame_index: int, dets: list[_Det]) -> None:
+        for label in sorted({d.label for d in dets}):
+            label_dets = [d for d in dets if d.label == label]
+            live = [t for t in self._tracks if t.label == label and not t.closed]
+            pairs: list[tuple[float, int, int]] = []
+            for ti, track in enumerate(live):
+                predicted = self._predict(track, frame_index)
+                pred_centre, pred_size = _centre_size(predicted)
+                pred_diag = float(np.hypot(*pred_size))
+                for di, det in enumerate(label_dets):
+                    centre, size = _centre_size(det.box_xyxy)
+                    scale = max(0.5 * (pred_diag + float(np.hypot(*size))), 1.0)
+                    distance = float(np.hypot(*(centre - pred_centre))) / scale
+                    area_ratio = max(float(np.prod(size)), 1.0) / max(float(np.prod(pred_size)), 1.0)
+                    size_ratio = math.sqrt(max(area_ratio, 1.0 / area_ratio))
+                    if distance > _CENTRE_GATE or size_ratio > _SIZE_RATIO_GATE:
+                        continue
+                    pairs.append((1.0 - _iou(predicted, det.box_xyxy) + distance, ti, di))
+            used_tracks: set[int] = set()
+            used_dets: set[int] = set()
+            for _, ti, di in sorted(pairs):
+                if ti in used_tracks or di in used_dets:
+                    continue
+                used_tracks.add(ti)
+                used_dets.add(di)
+                self._extend(live[ti], frame_index, label_dets[di])
+            for di, det in enumerate(label_dets):
+                if di not in used_dets:
+                    track = _Track(label=label, start=frame_index)
+                    self._extend(track, frame_index, det)
+                    self._tracks.append(track)
+
+    @staticmethod
+    def _predict(track: _Track, frame_index: int) -> np.ndarray:
+        centre, size = _centre_size(track.boxes_xyxy[-1])
+        return _from_centre_size(centre + track.velocity_xy * (frame_index - track.last), size)
+
+    @staticmethod
+    def _extend(track: _Track, frame_index: int, det: _Det) -> None:
+        if track.frames:
+            step = (_centre_size(det.box_xyxy)[0] - _centre_size(track.boxes_xyxy[-1])[0]) / (
+                frame_index - track.last
+            )
+            if len(track.frames) == 1:
+                track.velocity_xy = step
+            else:
+                track.velocity_xy = _VELOCITY_ALPHA * step + (1 - _VELOCITY_ALPHA) * track.velocity_xy
+        track.frames.append(frame_index)
+        track.boxes_xyxy.append(det.box_xyxy)
+        track.scores.append(det.score)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _finalize_until(self, last_final: int) -> list[FrameBoxes]:
+        out: list[FrameBoxes] = []
+        while self._next_push is not None and self._next_final <= min(last_final, self._next_push - 1):
+            frame_index = self._next_final
+            out.append((frame_index, self._frame_boxes(frame_index)))
+            self._next_final += 1
+        self._forget()
+        return out
+
+    def _frame_boxes(self, frame_index: int) -> list[RedactBox]:
+        raw: list[RedactBox] = []
+        dets = self._raw.get(frame_index)
+        if self._track_enabled:
+            for track in self._tracks:
+                box = self._track_box(track, frame_index)
+                if box is not None:
+                    raw.append(box)
+        elif dets is not None:
+            raw.extend(self._det_box(d, "detected") for d in dets)
+        if dets is not None:
+            self._held = dets
+        elif not self._track_enabled:
+            # The detector skipped this frame (stride): the last detector output stands in for it.
+            raw.extend(self._det_box(d, "memory") for d in self._held)
+        for back in range(1, self._memory + 1):
+            raw.extend(self._det_box(d, "memory") for d in self._raw.get(frame_index - back) or ())
+
+        boxes: list[RedactBox] = []
+        seen: set[tuple] = set()
+        for box in raw:
+            box = self._enlarge(box)
+            if box.x2 <= 0 or box.y2 <= 0 or box.x1 >= self._width or box.y1 >= self._height:
+                continue
+            key = (round(box.x1, 1), round(box.y1, 1), round(box.x2, 1), round(box.y2, 1), box.label)
+            if key in seen:  # memory and held boxes often repeat the same detection
+                continue
+            seen.add(key)
+            boxes.append(box)
+        boxes.extend(self._zone_boxes)
+        return boxes
+
+    @staticmethod
+    def _det_box(det: _Det, source: str) -> RedactBox:
+        x1, y1, x2, y2 = (float(v) for v in det.box_xyxy)
+        return RedactBox(x1, y1, x2, y2, det.label, det.score, source)
+
+    def _enlarge(self, box: RedactBox) -> RedactBox:
+        factor = self._settings.enlarge.get(box.label, 1.0)
+        if factor == 1.0:
+            return box
+        cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
+        half_w, half_h = (box.x2 - box.x1) * factor / 2, (box.y2 - box.y1) * factor / 2
+        return box._replace(x1=cx - half_w, y1=cy - half_h, x2=cx + half_w, y2=cy + half_h)
+
+    def _core_boxes(self, track: _Track, frames: np.ndarray) -> np.ndarray:
+        """Detected or linearly interpolated boxes (N, 4) xyxy at frames within the track's span."""
+        boxes = np.asarray(track.boxes_xyxy)
+        return np.stack([np.interp(frames, track.frames, boxes[:, k]) for k in range(4)], axis=1)
+
+    def _track_box(self, track: _Track, frame_index: int) -> RedactBox | None:
+        last = track.last
+        if frame_index < track.start - self._pad or frame_index > last + self._pad:
+            return None
+        if frame_index < track.start:
+            anchor = track.boxes_xyxy[0]
+            window = self._window(track, track.start, track.start + self._velocity_window)
+            box = self._extrapolate(track, anchor, window, frame_index - track.start)
+            return self._box(box, track.label, track.scores[0], "tracked")
+        if frame_index > last:
+            anchor = self._smoothed(track, last)
+            window = self._window(track, last - self._velocity_window, last)
+            box = self._extrapolate(track, anchor, window, frame_index - last)
+            return self._box(box, track.label, track.scores[-1], "tracked")
+        at = bisect_left(track.frames, frame_index)
+        if track.frames[at] == frame_index:
+            return self._box(self._smoothed(track, frame_index), track.label, track.scores[at], "detected")
+        score = float(np.interp(frame_index, track.frames, track.scores))
+        return self._box(self._smoothed(track, frame_index), track.label, score, "tracked")
+
+    def _smoothed(self, track: _Track, frame_index: int) -> np.ndarray:
+        """Two-sided Gaussian mean of the core boxes, united with the core box (never shrinks)."""
+        core = self._core_boxes(track, np.array([frame_index], dtype=np.float64))[0]
+        if self._smooth_radius == 0:
+            return core
+        lo = max(frame_index - self._smooth_radius, track.frames[0])
+        hi = min(frame_index + self._smooth_radius, track.last)
+        frames = np.arange(lo, hi + 1, dtype=np.float64)
+        offset = self._smooth_radius - frame_index
+        weights = self._smooth_weights[lo + offset : hi + offset + 1]
+        mean = (self._core_boxes(track, frames) * weights[:, None]).sum(axis=0) / weights.sum()
+        return _union(mean, core)
+
+    @staticmethod
+    def _window(track: _Track, lo: int, hi: int) -> list[int]:
+        return list(range(bisect_left(track.frames, lo), bisect_right(track.frames, hi)))
+
+    def _extrapolate(self, track: _Track, anchor_xyxy: np.ndarray, window: list[int], dt: int) -> np.ndarray:
+        """Move the anchor box dt frames along the velocity measured over the window's detections."""
+        centre, size = _centre_size(anchor_xyxy)
+        if len(window) >= 2:
+            a, b = window[0], window[-1]
+            span = track.frames[b] - track.frames[a]
+            c_a, s_a = _centre_size(track.boxes_xyxy[a])
+            c_b, s_b = _centre_size(track.boxes_xyxy[b])
+            centre = centre + (c_b - c_a) / span * dt
+            # Grow if the object was growing in the direction we extrapolate; never shrink.
+            growth = np.maximum((s_b - s_a) / span * dt, 0.0)
+            size = np.minimum(size + growth, size * _PAD_MAX_GROWTH)
+        centre = np.clip(centre, 0.0, [self._width, self._height])
+        return _from_centre_size(centre, size)
+
+    @staticmethod
+    def _box(box_xyxy: np.ndarray, label: str, score: float, source: str) -> RedactBox:
+        x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+        return RedactBox(x1, y1, x2, y2, label, float(score), source)
+
+    def _forget(self) -> None:
+        """Drop inputs no unfinished frame can read, so memory stays bounded on long clips."""
+        oldest_needed = self._next_final - self._memory
+        for frame_index in [f for f in self._raw if f < oldest_needed]:
+            del self._raw[frame_index]
+        self._tracks = [t for t in self._tracks if not (t.closed and t.last + self._pad < self._next_final)]
+        # Keep only detections that smoothing, interpolation or end velocity can still read.
+        keep_from = self._next_final - self._smooth_radius - self._pad - self._velocity_window - 1
+        for track in self._tracks:
+            cut = bisect_left(track.frames, keep_from) - 1
+            if cut > 0:
+                del track.frames[:cut], track.boxes_xyxy[:cut], track.scores[:cut]

@@ -1,0 +1,38 @@
+"""Test helpers shared by the queue and watcher tests: condition polling instead of sleeps, a fake clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float = 5.0, interval_s: float = 0.005, what: str = "") -> T:
+    """Poll ``condition`` until it returns something truthy and return that; fail after ``timeout_s``.
+
+    Tests wait for what they need, not for a guessed duration: fast when the machine is fast, still
+    green when two cores are shared with other test runs.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or condition}")
+        time.sleep(interval_s)
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand, for settle and back-off logic without waiting."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
