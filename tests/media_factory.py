@@ -42,6 +42,7 @@ def make_clip(
     audio_codec: str = "aac",
     creation_time: str | None = None,
     video: bool = True,
+    tag_colors: bool = True,
 ) -> Path:
     """Write a small clip and return its path; the container follows the suffix (.mp4/.mov/.mkv/.avi/.ts).
 
@@ -52,6 +53,8 @@ def make_clip(
     vfr: irregular pts in a 1/90000 time base (average rate still ``fps``).
     rotation: display-matrix rotation in degrees (MP4/MOV only), as phones and some dashcams write it.
     video=False writes an audio-only file.
+    colours: BT.709 from 720 lines up, BT.601 below (JPEG: BT.601 full range), tagged unless
+    ``tag_colors`` is False (many cameras leave them untagged).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -77,6 +80,11 @@ def make_clip(
             video_stream.width = width
             video_stream.height = height
             video_stream.pix_fmt = pix_fmt
+            matrix = "itu709" if height >= 720 and codec != "mjpeg" else "itu601"
+            full_range = pix_fmt == "yuvj420p"
+            if tag_colors:
+                video_stream.codec_context.colorspace = 1 if matrix == "itu709" else 6
+                video_stream.codec_context.color_range = 2 if full_range else 1
             if codec == "h264":
                 video_stream.options = {"preset": "ultrafast", "crf": "23"}
             elif codec == "hevc":
@@ -104,8 +112,9 @@ def make_clip(
         rng = np.random.default_rng(1234)
         for i in range(n_frames if video else 0):
             frame = av.VideoFrame.from_ndarray(_draw(pattern, i, width, height, rng), format="rgb24")
-            frame = frame.reformat(format=pix_fmt, dst_colorspace="itu601", dst_color_range=(
-                "JPEG" if pix_fmt == "yuvj420p" else "MPEG"))
+            frame = frame.reformat(
+                format=pix_fmt, dst_colorspace=matrix, dst_color_range="JPEG" if full_range else "MPEG"
+            )
             frame.pts = video_pts[i]
             frame.time_base = video_tb
             container.mux(video_stream.encode(frame))
