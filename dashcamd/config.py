@@ -60,6 +60,10 @@ class WatchSettings(_Section):
     polling: bool = Field(default=False, description="poll instead of inotify (NFS/SMB mounts)")
     poll_interval_s: float = Field(default=5.0, gt=0.0)
     rescan_interval_s: float = Field(default=300.0, gt=0.0, description="full rescan for missed events")
+    invalid_after_s: float = Field(
+        default=600.0, gt=0.0,
+        description="a settled file that still does not open as a clip after this long is quarantined",
+    )
 
 
 class OutputSettings(_Section):
@@ -125,7 +129,8 @@ class PrivacyZone(_Section):
 class RedactSettings(_Section):
     mode: Literal["blur", "pixelate", "solid"] = "blur"
     blur_strength: float = Field(
-        default=0.5, gt=0.0, le=2.0, description="Gaussian sigma as a fraction of the box's short side"
+        default=0.5, ge=0.3, le=2.0,
+        description="Gaussian sigma as a fraction of the box's short side; below 0.3 a blur may be reversible",
     )
     pixelate_blocks: int = Field(default=8, ge=2, le=64, description="mosaic blocks across a box")
     solid_color: tuple[int, int, int] = Field(default=(0, 0, 0), description="RGB for mode = 'solid'")

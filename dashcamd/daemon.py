@@ -66,6 +66,7 @@ class Daemon:
             probe=probe,
             on_invalid=self._on_invalid_file,
             is_known=self.queue.is_known,
+            invalid_after_s=settings.watch.invalid_after_s,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -87,7 +88,11 @@ class Daemon:
         self.notifier.ready()
         try:
             while not self._stop.is_set():
-                self._tick()
+                try:
+                    self._tick()
+                except Exception:  # loop edge: log it and keep watching; systemd's watchdog covers hangs
+                    log.exception("daemon_tick_failed")
+                    self._stop.wait(TICK_S)
         finally:
             self._shutdown()
         return 0
@@ -184,6 +189,7 @@ class Daemon:
             self.queue.set_progress(worker.job.id, fields["frames_done"] / total)
         elif kind == "done" and worker.job is not None:
             job, worker.job = worker.job, None
+            fields.pop("job_id", None)
             self._on_done(job, fields)
         elif kind == "failed" and worker.job is not None:
             job, worker.job = worker.job, None

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import av
 import av.error
@@ -367,6 +367,11 @@ class ClipReader:
         return [s for s in self._container.streams if s.type in ("audio", "subtitle", "data")]
 
     @property
+    def extra_video_streams(self) -> list[av.stream.Stream]:
+        """Video streams other than the one decoded (rear camera, cover art): never copied, see ClipWriter."""
+        return [s for s in self._container.streams.video if s.index != self._video.index]
+
+    @property
     def frames_dropped(self) -> int:
         """Frames the output lacks compared with the source's count (valid after iteration)."""
         if self.info.frame_count_exact:
@@ -405,7 +410,9 @@ class ClipReader:
                 if index == video_index:
                     try:
                         decoded = self._video.decode(packet)
-                    except av.error.InvalidDataError:
+                    except av.error.EOFError:
+                        continue  # a second flush after a damaged tail
+                    except av.error.FFmpegError:
                         self.decode_errors += 1
                         if self.decode_errors > allowed_bad:
                             raise InvalidClip(
@@ -463,7 +470,7 @@ class ClipReader:
             src_color_range="JPEG" if self.info.color_range == "pc" else "MPEG",
             dst_color_range="JPEG",
         )
-        rgb = rgb_frame.to_ndarray()
+        rgb = np.ascontiguousarray(rgb_frame.to_ndarray())  # odd widths come back with padded rows
         decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, rgb)
         self.frames_decoded += 1
         return decoded
@@ -493,6 +500,13 @@ class ClipReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    if stream.codec_context is not None:
+        return stream.codec_context.name
+    codec = getattr(stream, "codec", None)  # data streams (tmcd, GPS blobs) have no codec context
+    return codec.name if codec is not None else "none"
 
 
 def _seconds(packet: av.Packet) -> float:
@@ -534,6 +548,7 @@ class ClipWriter:
         self._closed = False
         self.frames_written = 0
         self._last_pts: int | None = None
+        self._transcoding: set[int] = set()
         tb = info.time_base
         self._step = max(1, round(1 / (info.avg_fps * tb)))  # nominal frame duration in ticks
         self._offset_s = max(0.0, info.start_time_s)
@@ -547,21 +562,21 @@ class ClipWriter:
                 str(self.path), "w", format=OUTPUT_FORMAT, options={"movflags": "+faststart"} if faststart else {}
             )
         except av.error.FFmpegError as failed:
-            raise _write_error(self.path, failed) from failed
+            _raise_write_error(self.path, failed)
         try:
-            self._video = self._add_video_stream(settings)
+            self._video = self._add_video_stream(settings, reader.video_stream.metadata.get("timecode"))
             self._side_out, self._side_offsets = self._add_side_streams(reader)
             if info.creation_time:
                 self._out.metadata["creation_time"] = info.creation_time
+            self._channel = reader.open_side_channel(
+                {i for i, (_, kind) in self._side_out.items() if kind == "copy"},
+                {i for i, (_, kind) in self._side_out.items() if kind == "transcode"},
+            )
         except BaseException:
-            self._out.close()
+            self._abort()
             raise
-        self._channel = reader.open_side_channel(
-            {i for i, (_, kind) in self._side_out.items() if kind == "copy"},
-            {i for i, (_, kind) in self._side_out.items() if kind == "transcode"},
-        )
 
-    def _add_video_stream(self, settings: EncoderSettings) -> av.video.stream.VideoStream:
+    def _add_video_stream(self, settings: EncoderSettings, timecode: str | None) -> av.video.stream.VideoStream:
         info = self._info
         stream = self._out.add_stream("libx264", rate=info.avg_fps)
         ctx = stream.codec_context
@@ -581,6 +596,8 @@ class ClipWriter:
             ctx.color_trc = info.color_trc
         if info.rotation_deg:
             stream.set_display_rotation(info.rotation_deg)
+        if timecode:  # the mp4 muxer rebuilds the tmcd track from it
+            stream.metadata["timecode"] = timecode
         return stream
 
     def _add_side_streams(self, reader: ClipReader) -> tuple[dict[int, tuple[Any, str]], dict[int, int]]:
@@ -588,9 +605,11 @@ class ClipWriter:
         supported = self._out.supported_codecs
         mapping: dict[int, tuple[Any, str]] = {}
         offsets: dict[int, int] = {}
+        for extra in reader.extra_video_streams:
+            log.warning("video_stream_dropped", path=str(self.path), stream=extra.index,
+                        reason="only the main video is redacted; copying another would publish it unredacted")
         for source in reader.side_streams:
-            name = source.codec_context.name if source.codec_context is not None else (source.codec.name
-                                                                                          if source.codec else "none")
+            name = _codec_name(source)
             if source.type == "audio" and name in supported:
                 mapping[source.index] = (self._out.add_stream_from_template(source), "copy")
             elif source.type == "audio":
@@ -613,12 +632,14 @@ class ClipWriter:
     def write(self, rgb: np.ndarray, pts: int | None) -> None:
         """Encode one (H, W, 3) uint8 RGB frame shown at ``pts`` (source video time base)."""
         info = self._info
+        if self._closed:
+            raise RuntimeError("ClipWriter is closed")
         if rgb.shape != (info.height, info.width, 3) or rgb.dtype != np.uint8:
             raise ValueError(
                 f"frame must be ({info.height}, {info.width}, 3) uint8, got {rgb.shape} {rgb.dtype}"
             )
         if pts is None:
-            pts = 0 if self._last_pts is None else self._last_pts + self._step
+            pts = self._video_offset if self._last_pts is None else self._last_pts + self._step
         elif self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
@@ -636,7 +657,7 @@ class ClipWriter:
             self._out.mux(self._video.encode(yuv))
             self._mux_side(float(pts * info.time_base))
         except av.error.FFmpegError as failed:
-            raise _write_error(self.path, failed) from failed
+            _raise_write_error(self.path, failed)
         self.frames_written += 1
 
     def _mux_side(self, up_to_s: float | None) -> None:
@@ -657,8 +678,13 @@ class ClipWriter:
                     item.dts -= offset
                 self._out.mux(item)
             else:
-                if item.pts is not None:
+                # Only the first frame's pts counts: the AAC encoder's FIFO numbers the rest by sample
+                # count, so a jittery source clock cannot make it reject a frame.
+                if index in self._transcoding or item.pts is None:
+                    item.pts = None
+                else:
                     item.pts -= offset
+                    self._transcoding.add(index)
                 self._out.mux(out.encode(item))
 
     def close(self) -> None:
@@ -675,7 +701,7 @@ class ClipWriter:
             self._out.close()
         except av.error.FFmpegError as failed:
             self._abort()
-            raise _write_error(self.path, failed) from failed
+            _raise_write_error(self.path, failed)
         except BaseException:
             self._abort()
             raise
@@ -698,7 +724,8 @@ class ClipWriter:
             self._abort()
 
 
-def _write_error(path: Path, failed: av.error.FFmpegError) -> Exception:
+def _raise_write_error(path: Path, failed: av.error.FFmpegError) -> NoReturn:
+    """Disk full, quota, I/O (and other OS-level failures) → TransientError; encoder bugs re-raised."""
     if _is_transient(failed) or isinstance(failed, OSError):
-        return TransientError(f"{path}: write failed: {failed.strerror or failed}")
-    return failed
+        raise TransientError(f"{path}: write failed: {failed.strerror or failed}") from failed
+    raise failed

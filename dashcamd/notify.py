@@ -13,6 +13,10 @@ class SystemdNotifier:
     def __init__(self) -> None:
         self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self._enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # A datagram socket blocks when the reader's queue is full; a slow reader must never stall
+            # the main loop, so a message that does not fit is dropped (sdnotify swallows the error).
+            self._notifier.socket.setblocking(False)
         self._last_status = ""
 
     @property

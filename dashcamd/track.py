@@ -77,6 +77,12 @@ class _Track:
     scores: list[float] = field(default_factory=list)
     velocity_xy: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre px per frame
     closed: bool = False
+    _arrays: tuple[np.ndarray, np.ndarray] | None = None  # frames (N,), boxes (N, 4); None = stale
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.asarray(self.frames, dtype=np.float64), np.asarray(self.boxes_xyxy))
+        return self._arrays
 
     @property
     def last(self) -> int:
@@ -100,22 +106,22 @@ def _read_detection(detection: DetectionLike | Sequence) -> _Det:
 
 
 def _centre_size(box_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return (box_xyxy[:2] + box_xyxy[2:]) / 2.0, box_xyxy[2:] - box_xyxy[:2]
+    """Centres and sizes (..., 2) of boxes (..., 4) xyxy."""
+    return (box_xyxy[..., :2] + box_xyxy[..., 2:]) / 2.0, box_xyxy[..., 2:] - box_xyxy[..., :2]
 
 
 def _from_centre_size(centre_xy: np.ndarray, size_wh: np.ndarray) -> np.ndarray:
     return np.concatenate([centre_xy - size_wh / 2.0, centre_xy + size_wh / 2.0])
 
 
-def _iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> float:
-    inter_w = min(a_xyxy[2], b_xyxy[2]) - max(a_xyxy[0], b_xyxy[0])
-    inter_h = min(a_xyxy[3], b_xyxy[3]) - max(a_xyxy[1], b_xyxy[1])
-    if inter_w <= 0 or inter_h <= 0:
-        return 0.0
-    inter = inter_w * inter_h
-    area_a = (a_xyxy[2] - a_xyxy[0]) * (a_xyxy[3] - a_xyxy[1])
-    area_b = (b_xyxy[2] - b_xyxy[0]) * (b_xyxy[3] - b_xyxy[1])
-    return float(inter / max(area_a + area_b - inter, 1e-9))
+def _pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    """IoU matrix (N, M) of boxes a (N, 4) and b (M, 4), xyxy."""
+    lo = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
+    hi = np.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=2)
+    area_a = np.prod(a_xyxy[:, 2:] - a_xyxy[:, :2], axis=1)
+    area_b = np.prod(b_xyxy[:, 2:] - b_xyxy[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def _union(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
@@ -222,19 +228,22 @@ class TemporalFilter:
             label_dets = [d for d in dets if d.label == label]
             live = [t for t in self._tracks if t.label == label and not t.closed]
             pairs: list[tuple[float, int, int]] = []
-            for ti, track in enumerate(live):
-                predicted = self._predict(track, frame_index)
+            if live:
+                predicted = np.stack([self._predict(t, frame_index) for t in live])  # (T, 4)
+                observed = np.stack([d.box_xyxy for d in label_dets])  # (D, 4)
                 pred_centre, pred_size = _centre_size(predicted)
-                pred_diag = float(np.hypot(*pred_size))
-                for di, det in enumerate(label_dets):
-                    centre, size = _centre_size(det.box_xyxy)
-                    scale = max(0.5 * (pred_diag + float(np.hypot(*size))), 1.0)
-                    distance = float(np.hypot(*(centre - pred_centre))) / scale
-                    area_ratio = max(float(np.prod(size)), 1.0) / max(float(np.prod(pred_size)), 1.0)
-                    size_ratio = math.sqrt(max(area_ratio, 1.0 / area_ratio))
-                    if distance > _CENTRE_GATE or size_ratio > _SIZE_RATIO_GATE:
-                        continue
-                    pairs.append((1.0 - _iou(predicted, det.box_xyxy) + distance, ti, di))
+                det_centre, det_size = _centre_size(observed)
+                pred_diag = np.linalg.norm(pred_size, axis=1)
+                det_diag = np.linalg.norm(det_size, axis=1)
+                scale = np.maximum(0.5 * (pred_diag[:, None] + det_diag[None, :]), 1.0)
+                distance = np.linalg.norm(det_centre[None, :] - pred_centre[:, None], axis=2) / scale
+                pred_area = np.maximum(np.prod(pred_size, axis=1), 1.0)
+                det_area = np.maximum(np.prod(det_size, axis=1), 1.0)
+                area_ratio = det_area[None, :] / pred_area[:, None]
+                size_ratio = np.sqrt(np.maximum(area_ratio, 1.0 / area_ratio))
+                cost = 1.0 - _pairwise_iou(predicted, observed) + distance
+                gated = (distance <= _CENTRE_GATE) & (size_ratio <= _SIZE_RATIO_GATE)
+                pairs = [(float(cost[ti, di]), int(ti), int(di)) for ti, di in zip(*np.nonzero(gated))]
             used_tracks: set[int] = set()
             used_dets: set[int] = set()
             for _, ti, di in sorted(pairs):
@@ -267,6 +276,7 @@ class TemporalFilter:
         track.frames.append(frame_index)
         track.boxes_xyxy.append(det.box_xyxy)
         track.scores.append(det.score)
+        track._arrays = None
 
     # -- output --------------------------------------------------------------------------------
 
@@ -324,10 +334,16 @@ class TemporalFilter:
         half_w, half_h = (box.x2 - box.x1) * factor / 2, (box.y2 - box.y1) * factor / 2
         return box._replace(x1=cx - half_w, y1=cy - half_h, x2=cx + half_w, y2=cy + half_h)
 
-    def _core_boxes(self, track: _Track, frames: np.ndarray) -> np.ndarray:
-        """Detected or linearly interpolated boxes (N, 4) xyxy at frames within the track's span."""
-        boxes = np.asarray(track.boxes_xyxy)
-        return np.stack([np.interp(frames, track.frames, boxes[:, k]) for k in range(4)], axis=1)
+    @staticmethod
+    def _core_boxes(track: _Track, frames: np.ndarray) -> np.ndarray:
+        """Detected or linearly interpolated boxes (N, 4) xyxy at frames (N,) within the track's span."""
+        known_frames, known_boxes = track.arrays()
+        last = len(known_frames) - 1
+        before = np.clip(np.searchsorted(known_frames, frames, side="right") - 1, 0, last)
+        after = np.minimum(before + 1, last)
+        span = known_frames[after] - known_frames[before]
+        t = np.where(span > 0, (frames - known_frames[before]) / np.maximum(span, 1.0), 0.0)
+        return known_boxes[before] + t[:, None] * (known_boxes[after] - known_boxes[before])
 
     def _track_box(self, track: _Track, frame_index: int) -> RedactBox | None:
         last = track.last
@@ -351,16 +367,16 @@ class TemporalFilter:
 
     def _smoothed(self, track: _Track, frame_index: int) -> np.ndarray:
         """Two-sided Gaussian mean of the core boxes, united with the core box (never shrinks)."""
-        core = self._core_boxes(track, np.array([frame_index], dtype=np.float64))[0]
-        if self._smooth_radius == 0:
-            return core
         lo = max(frame_index - self._smooth_radius, track.frames[0])
         hi = min(frame_index + self._smooth_radius, track.last)
-        frames = np.arange(lo, hi + 1, dtype=np.float64)
+        core = self._core_boxes(track, np.arange(lo, hi + 1, dtype=np.float64))
+        here = core[frame_index - lo]
+        if self._smooth_radius == 0:
+            return here
         offset = self._smooth_radius - frame_index
         weights = self._smooth_weights[lo + offset : hi + offset + 1]
-        mean = (self._core_boxes(track, frames) * weights[:, None]).sum(axis=0) / weights.sum()
-        return _union(mean, core)
+        mean = weights @ core / weights.sum()
+        return _union(mean, here)
 
     @staticmethod
     def _window(track: _Track, lo: int, hi: int) -> list[int]:
@@ -398,3 +414,4 @@ class TemporalFilter:
             cut = bisect_left(track.frames, keep_from) - 1
             if cut > 0:
                 del track.frames[:cut], track.boxes_xyxy[:cut], track.scores[:cut]
+                track._arrays = None

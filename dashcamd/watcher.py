@@ -59,7 +59,7 @@ PROBE_RETRY_MAX_S = 120.0
 WATCH_RETRY_MAX_S = 60.0
 
 EnqueueFn = Callable[[Path, Path, int, int], None]
-ProbeFn = Callable[[Path], None]
+ProbeFn = Callable[[Path], object]  # return value ignored; raising = not (yet) a complete clip
 InvalidFn = Callable[[Path, str], None]
 KnownFn = Callable[[Path, int, int], bool]
 
@@ -167,27 +167,24 @@ class _RecordingHandler(FileSystemEventHandler):
     An exception escaping a handler stops that observer's dispatching for good, silently.
     """
 
-    # Reads (our own probe, the worker decoding) are not changes; folder "modified" fires for every
-    # file written inside it and tells nothing the file events do not.
+    # Reads (our own probe, the worker decoding) are not changes. Folder events carry nothing the
+    # file events do not: watchdog's inotify emitter reports the files of a folder moved or created
+    # in as events of their own, and the rescan covers what any emitter misses.
     _SKIPPED = frozenset({"opened", "closed_no_write"})
 
-    def __init__(self, record: Callable[[int, str, bool], None], root_index: int) -> None:
+    def __init__(self, record: Callable[[int, str], None], root_index: int) -> None:
         super().__init__()
         self._record = record
         self._root_index = root_index
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
-            if event.event_type in self._SKIPPED:
+            if event.is_directory or event.event_type in self._SKIPPED:
                 return
-            if event.is_directory and event.event_type not in ("created", "moved"):
-                return
+            self._record(self._root_index, os.fsdecode(event.src_path))
             if event.event_type == "moved":
                 # Both ends: the source candidate must go, the destination may be a clip.
-                self._record(self._root_index, os.fsdecode(event.src_path), event.is_directory)
-                self._record(self._root_index, os.fsdecode(event.dest_path), event.is_directory)
-            else:
-                self._record(self._root_index, os.fsdecode(event.src_path), event.is_directory)
+                self._record(self._root_index, os.fsdecode(event.dest_path))
         except Exception:
             try:
                 log.exception("watch_event_failed", event=repr(event))
@@ -241,7 +238,7 @@ class ClipWatcher:
         self.rules = IgnoreRules(self._settings.patterns, self._settings.ignore, own_dirs)
         self._roots = [_Root(path=Path(os.path.abspath(p)), index=i) for i, p in enumerate(paths.watch)]
         self._lock = threading.Lock()
-        self._events: set[tuple[int, str, bool]] = set()
+        self._events: set[tuple[int, str]] = set()
         self._candidates: dict[Path, _Candidate] = {}
         # Clips reported invalid, with the (size, mtime_ns) reported: not reported again unless changed.
         self._rejected: dict[Path, tuple[int, int]] = {}
@@ -298,8 +295,8 @@ class ClipWatcher:
                 self.stop()
                 self._start_observer()
             self._ensure_watches(now)
-            for root_index, path, is_dir in self._drain():
-                self._note(self._roots[root_index], path, is_dir, now)
+            for root_index, path in self._drain():
+                self._consider(self._roots[root_index], Path(path), now, via="event")
             if now >= self._next_rescan_at:
                 self._next_rescan_at = now + self._settings.rescan_interval_s
                 self._scan_all(now)
@@ -307,11 +304,11 @@ class ClipWatcher:
         except Exception:
             log.exception("watch_poll_failed")
 
-    def _record(self, root_index: int, path: str, is_dir: bool) -> None:
+    def _record(self, root_index: int, path: str) -> None:
         with self._lock:
-            self._events.add((root_index, path, is_dir))
+            self._events.add((root_index, path))
 
-    def _drain(self) -> set[tuple[int, str, bool]]:
+    def _drain(self) -> set[tuple[int, str]]:
         with self._lock:
             events, self._events = self._events, set()
         return events
@@ -363,7 +360,7 @@ class ClipWatcher:
         log.info("watch_started", path=str(root.path), recursive=self._settings.recursive,
                  observer=type(self._observer).__name__)
         # Anything that arrived while the folder was not watched (daemon down, card not mounted).
-        self._scan_root(root, root.path, now)
+        self._scan_root(root, now)
 
     def _unschedule(self, root: _Root) -> None:
         watch, root.watch, root.identity = root.watch, None, None
@@ -388,17 +385,17 @@ class ClipWatcher:
         seen: set[Path] = set()
         for root in self._roots:
             if os.path.isdir(root.path):
-                seen |= self._scan_root(root, root.path, now)
+                seen |= self._scan_root(root, now)
         # Forget rejections of files that are gone, so the map does not grow for ever.
         for path in [p for p in self._rejected if p not in seen]:
             del self._rejected[path]
 
-    def _scan_root(self, root: _Root, top: Path, now: float) -> set[Path]:
-        """Walk ``top`` (the root or a folder moved in) and consider every file; returns resolved paths
+    def _scan_root(self, root: _Root, now: float) -> set[Path]:
+        """Walk a watch root and consider every file; returns resolved paths
         seen. Symlinked folders are not followed (loops, and their targets are watched or outside)."""
         seen: set[Path] = set()
         before = len(self._candidates)
-        stack = [top]
+        stack = [root.path]
         while stack:
             folder = stack.pop()
             try:
@@ -422,23 +419,8 @@ class ClipWatcher:
                 real = self._consider(root, path, now, via="scan")
                 if real is not None:
                     seen.add(real)
-        log.debug("scan_done", path=str(top), files=len(seen), new_candidates=len(self._candidates) - before)
+        log.debug("scan_done", path=str(root.path), files=len(seen), new_candidates=len(self._candidates) - before)
         return seen
-
-    def _note(self, root: _Root, raw_path: str, is_dir: bool, now: float) -> None:
-        path = Path(raw_path)
-        if is_dir:
-            # A folder copied or moved in whole may arrive as one folder event (inotify reports a
-            # moved-in tree only by its top): walk it rather than wait for the rescan.
-            if self._settings.recursive and os.path.isdir(path):
-                try:
-                    rel = path.relative_to(root.path)
-                except ValueError:
-                    return
-                if not self.rules.dir_reason(rel, Path(os.path.realpath(path))):
-                    self._scan_root(root, path, now)
-            return
-        self._consider(root, path, now, via="event")
 
     def _reason(self, root: _Root, rel: PurePath, path: Path, real: Path) -> str | None:
         """Why this file is not taken, or None. ``real`` is its resolved path."""
@@ -514,7 +496,7 @@ class ClipWatcher:
     def _check(self, candidate: _Candidate, now: float) -> None:
         if not self._restat(candidate, now):
             return
-        if now < candidate.next_probe_at:
+        if now - candidate.stable_since < self._settings.settle_s or now < candidate.next_probe_at:
             return
         if self._is_known(candidate.path, candidate.size, candidate.mtime_ns):
             del self._candidates[candidate.path]  # queued meanwhile (another root, a rescan race)

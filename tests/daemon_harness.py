@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,8 +58,12 @@ class DaemonProcess:
         self.socket_path.unlink(missing_ok=True)
         self.notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_socket.bind(str(self.socket_path))
-        self.notify_socket.setblocking(False)
+        self.notify_socket.settimeout(0.2)
         self.notifications: list[str] = []
+        self._listening = True
+        # Read like systemd does, all the time: an unread datagram socket would fill up.
+        self._listener = threading.Thread(target=self._listen, daemon=True)
+        self._listener.start()
         env = dict(os.environ, NOTIFY_SOCKET=str(self.socket_path), WATCHDOG_USEC="2000000",
                    PYTHONUNBUFFERED="1")
         self._log_file = log_path.open("ab")
@@ -67,13 +72,17 @@ class DaemonProcess:
             stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
         )
 
-    def received(self, message: str) -> bool:
-        while True:
+    def _listen(self) -> None:
+        while self._listening:
             try:
                 self.notifications.extend(self.notify_socket.recv(4096).decode().splitlines())
-            except BlockingIOError:
-                break
-        return any(line.startswith(message) for line in self.notifications)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def received(self, message: str) -> bool:
+        return any(line.startswith(message) for line in list(self.notifications))
 
     def wait_ready(self) -> None:
         wait_for(lambda: self.received("READY=1") or self.process.poll() is not None, STARTUP_TIMEOUT_S,
@@ -109,6 +118,8 @@ class DaemonProcess:
         self.close()
 
     def close(self) -> None:
+        self._listening = False
+        self._listener.join(5)
         self._log_file.close()
         self.notify_socket.close()
         self.socket_path.unlink(missing_ok=True)

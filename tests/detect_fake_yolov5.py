@@ -27,8 +27,8 @@ HEAD = [
     [[-1, 14], 1, "Concat", [1]], [-1, 3, "C3", [512, False]], [-1, 1, "Conv", [512, 3, 2]],
     [[-1, 10], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]], [[17, 20, 23], 1, "Detect", ["nc", "anchors"]],
 ]
-YAML_V6 = {  # yolov5n.yaml of v6.0+, nc=2
-    "nc": 2, "depth_multiple": 0.33, "width_multiple": 0.25, "anchors": ANCHORS,
+YAML_V6 = {  # yolov5n.yaml of v6.0+ at half its width (fast tests), nc=2
+    "nc": 2, "depth_multiple": 0.33, "width_multiple": 0.125, "anchors": ANCHORS,
     "backbone": [
         [-1, 1, "Conv", [64, 6, 2, 2]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
         [-1, 1, "Conv", [256, 3, 2]], [-1, 6, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]], [-1, 9, "C3", [512]],
@@ -36,8 +36,8 @@ YAML_V6 = {  # yolov5n.yaml of v6.0+, nc=2
     ],
     "head": HEAD,
 }
-YAML_V5_0 = {  # yolov5s.yaml of v5.0 at a quarter width (DashcamCleaner's layout, kept small), nc=2
-    "nc": 2, "depth_multiple": 0.33, "width_multiple": 0.25, "anchors": ANCHORS,
+YAML_V5_0 = {  # yolov5s.yaml of v5.0 at 1/8 width (DashcamCleaner's layout, kept small), nc=2
+    "nc": 2, "depth_multiple": 0.33, "width_multiple": 0.125, "anchors": ANCHORS,
     "backbone": [
         [-1, 1, "Focus", [64, 3]], [-1, 1, "Conv", [128, 3, 2]], [-1, 3, "C3", [128]],
         [-1, 1, "Conv", [256, 3, 2]], [-1, 9, "C3", [256]], [-1, 1, "Conv", [512, 3, 2]], [-1, 9, "C3", [512]],
@@ -222,7 +222,7 @@ class Model(nn.Module):
         self.names = names
         detect = self.model[-1]
         self.train()
-        detect.stride = torch.tensor([256 / p.shape[-3] for p in self.forward(torch.zeros(1, 3, 256, 256))])
+        detect.stride = torch.tensor([64 / p.shape[-3] for p in self.forward(torch.zeros(1, 3, 64, 64))])
         detect.anchors /= detect.stride.view(-1, 1, 1)
         self.stride = detect.stride
         for m in self.modules():  # the training recipe's BatchNorm settings
@@ -246,17 +246,28 @@ class DetectionModel(Model):
 
 
 def randomize(model: nn.Module, seed: int) -> None:
-    """Random BatchNorm statistics and head biases, so no layer is an identity that hides a bug."""
+    """Random BatchNorm affine parameters and head biases, then BatchNorm statistics measured on random
+    images: the signal neither vanishes nor explodes, so the output depends on every layer and a wrong
+    layer shows. Leaves the model in eval mode."""
     gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
             elif isinstance(m, nn.Conv2d) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen))
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 1.0  # running statistics := this batch's
+        model.train()
+        model(torch.rand(2, 3, 128, 128, generator=gen))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            # Near-constant channels would amplify float32 rounding (1/sqrt(var)) far beyond 1e-3.
+            m.running_var.clamp_(min=0.25)
+    model.eval()
 
 
 @contextlib.contextmanager

@@ -43,6 +43,10 @@ def make_clip(
     creation_time: str | None = None,
     video: bool = True,
     tag_colors: bool = True,
+    subtitles: bool = False,
+    timecode: str | None = None,
+    second_video: tuple[int, int] | None = None,
+    start_seconds: float = 0.0,
 ) -> Path:
     """Write a small clip and return its path; the container follows the suffix (.mp4/.mov/.mkv/.avi/.ts).
 
@@ -55,6 +59,10 @@ def make_clip(
     video=False writes an audio-only file.
     colours: BT.709 from 720 lines up, BT.601 below (JPEG: BT.601 full range), tagged unless
     ``tag_colors`` is False (many cameras leave them untagged).
+    subtitles: a mov_text track with one "GPS <n>" line a second (MP4/MOV), as some dashcams log GPS.
+    timecode: e.g. "10:00:00:00" makes the MOV/MP4 muxer add a tmcd data track.
+    second_video: (w, h) of a second, independent video track (a rear camera in the same file).
+    start_seconds: every stream starts this late (MPEG-TS cameras start their clocks anywhere).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -98,17 +106,31 @@ def make_clip(
                 video_stream.codec_context.time_base = 1 / fps
             if rotation is not None:
                 video_stream.set_display_rotation(rotation)
+            if timecode is not None:
+                video_stream.metadata["timecode"] = timecode
+        rear = None
+        if second_video is not None:
+            rear = container.add_stream("libx264", rate=fps)
+            rear.width, rear.height = second_video
+            rear.pix_fmt = "yuv420p"
+            rear.options = {"preset": "ultrafast"}
+            rear.codec_context.time_base = 1 / fps
+        subtitle_stream = None
+        if subtitles:
+            subtitle_stream = container.add_mux_stream("mov_text")
+            subtitle_stream.time_base = Fraction(1, 1000)
         audio_out = []
         for k in range(audio_streams):
             stream = container.add_stream(audio_codec, rate=AUDIO_RATE if audio_codec != "pcm_mulaw" else 8000)
             stream.layout = "mono"
             audio_out.append(stream)
 
-        video_pts = _video_pts(n_frames, fps, vfr)
         video_tb = video_stream.codec_context.time_base if video_stream is not None else Fraction(1, 1)
+        start_ticks = round(Fraction(start_seconds).limit_denominator(1000) / video_tb)
+        video_pts = [start_ticks + pts for pts in _video_pts(n_frames, fps, vfr)]
         audio_samples_done = [0] * audio_streams
         # Audio ends where the last frame ends, as a camera's recording does.
-        total_seconds = float(video_pts[-1] * video_tb + 1 / fps) if video else seconds
+        total_seconds = float((video_pts[-1] - start_ticks) * video_tb + 1 / fps) if video else seconds
         rng = np.random.default_rng(1234)
         for i in range(n_frames if video else 0):
             frame = av.VideoFrame.from_ndarray(_draw(pattern, i, width, height, rng), format="rgb24")
@@ -119,15 +141,30 @@ def make_clip(
             frame.time_base = video_tb
             container.mux(video_stream.encode(frame))
             now_s = float(video_pts[i] * video_tb)
+            if rear is not None:
+                back = av.VideoFrame.from_ndarray(_draw("static", i, *second_video, rng)[::-1].copy(), format="rgb24")
+                back.pts, back.time_base = round(now_s * fps), 1 / fps
+                container.mux(rear.encode(back.reformat(format="yuv420p")))
+            if subtitle_stream is not None and i % max(1, round(fps)) == 0:
+                text = f"GPS {i}".encode()
+                packet = av.Packet(len(text).to_bytes(2, "big") + text)
+                packet.pts = packet.dts = round(now_s * 1000)
+                packet.duration = 500
+                packet.time_base = Fraction(1, 1000)
+                packet.stream = subtitle_stream
+                container.mux(packet)
             for k, stream in enumerate(audio_out):
                 # Slightly ahead of the video, like real files' interleaving.
                 audio_samples_done[k] = _write_audio(
-                    container, stream, k, audio_samples_done[k], min(now_s + 0.1, total_seconds)
+                    container, stream, k, audio_samples_done[k], min(now_s - start_seconds + 0.1, total_seconds),
+                    start_seconds,
                 )
         for k, stream in enumerate(audio_out):
-            _write_audio(container, stream, k, audio_samples_done[k], total_seconds)
+            _write_audio(container, stream, k, audio_samples_done[k], total_seconds, start_seconds)
         if video_stream is not None:
             container.mux(video_stream.encode(None))
+        if rear is not None:
+            container.mux(rear.encode(None))
         for stream in audio_out:
             container.mux(stream.encode(None))
     return path
@@ -174,7 +211,7 @@ def _draw(pattern: str, index: int, width: int, height: int, rng: np.random.Gene
     return frame
 
 
-def _write_audio(container, stream, k: int, done: int, until_s: float) -> int:
+def _write_audio(container, stream, k: int, done: int, until_s: float, start_seconds: float = 0.0) -> int:
     """Encode sine samples [done, until_s*rate) in 1024-sample frames; returns the new sample count."""
     rate = stream.codec_context.sample_rate
     target = int(until_s * rate)
@@ -190,7 +227,7 @@ def _write_audio(container, stream, k: int, done: int, until_s: float) -> int:
             data = (wave * 32767).astype(np.int16)[None, :]
         frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="mono")
         frame.sample_rate = rate
-        frame.pts = done
+        frame.pts = done + round(start_seconds * rate)
         frame.time_base = Fraction(1, rate)
         container.mux(stream.encode(frame))
         done += n
@@ -276,11 +313,12 @@ def read_packets(path: Path | str, kind: str = "audio") -> list[list[bytes]]:
     """Payload bytes of every packet of each stream of ``kind``, per stream, in demux order."""
     with av.open(str(path)) as container:
         streams = [s for s in container.streams if s.type == kind]
-        out: dict[int, list[bytes]] = {s.index: [] for s in streams}
+        indices = [s.index for s in streams]
+        out: dict[int, list[bytes]] = {i: [] for i in indices}
         for packet in container.demux(streams):
             if packet.size and packet.dts is not None:
                 out[packet.stream.index].append(bytes(packet))
-    return [out[s.index] for s in streams]
+    return [out[i] for i in indices]
 
 
 def video_pts(path: Path | str) -> list[int]:

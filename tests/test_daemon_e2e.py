@@ -79,7 +79,8 @@ def test_dropped_clip_becomes_one_verified_output(tmp_path, weights):
 
 
 def test_corrupt_clip_is_quarantined_and_the_next_still_processed(tmp_path, weights):
-    config = write_config(tmp_path, weights, paths={"quarantine": str(tmp_path / "quarantine")})
+    config = write_config(tmp_path, weights, paths={"quarantine": str(tmp_path / "quarantine")},
+                          watch={"invalid_after_s": 1.0})
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         daemon.wait_ready()
@@ -124,9 +125,9 @@ def test_restart_resumes_backlog_in_polling_mode_exactly_once(tmp_path, weights)
 
 
 def test_sigkill_of_worker_mid_clip_retries_and_publishes_once(tmp_path, weights):
+    config = write_config(tmp_path, weights, worker={"retry_backoff_s": 0.2})
     clip = make_clip(tmp_path / "import" / "long.mp4", seconds=6.0, width=320, height=240)
     original = _sha256(clip)
-    config = write_config(tmp_path, weights, worker={"retry_backoff_s": 0.2})
     daemon = DaemonProcess(config, tmp_path / "daemon.log")
     try:
         daemon.wait_ready()

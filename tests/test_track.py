@@ -115,9 +115,8 @@ def test_smoothing_never_shrinks_the_raw_box():
     rng = np.random.default_rng(1)
     raw = {}
     for f in range(40):
-        jitter = rng.uniform(-6, 6, size=4)
-        base = moving_box(f, vx=3.0, w=60, h=30)
-        raw[f] = [Det(base.x1 + jitter[0], base.y1 + jitter[1], base.x2 + jitter[2], base.y2 + jitter[3], "plate", 0.7)]
+        x1, y1, x2, y2 = xyxy(moving_box(f, vx=3.0, w=60, h=30)) + rng.uniform(-6, 6, size=4)
+        raw[f] = [Det(x1, y1, x2, y2, "plate", 0.7)]
     boxes = run(TemporalFilter(make_settings(smoothing=1.0, max_gap=3), FRAME_SIZE), raw, 40)
     changed = 0
     for f in range(40):
@@ -244,7 +243,10 @@ def test_lookahead_is_enough_to_match_whole_clip_result(overrides, stride):
 def test_enlarge_zones_and_off_frame_boxes():
     zone = PrivacyZone(x1=0.5, y1=0.0, x2=1.0, y2=0.25)
     settings = make_settings(enlarge={"plate": 1.5}, zones=[zone])
-    dets = {0: [Det(100, 100, 140, 120, "plate", 0.9), Det(-90, 10, -40, 30, "plate", 0.9)], 1: [Det(0, 0, 2000, 9, "face", 1.0)]}
+    dets = {
+        0: [Det(100, 100, 140, 120, "plate", 0.9), Det(-90, 10, -40, 30, "plate", 0.9)],  # 2nd: off-frame
+        1: [Det(0, 0, 2000, 9, "face", 1.0)],
+    }
     boxes = run(TemporalFilter(settings, FRAME_SIZE), dets, 3)
     zone_box = RedactBox(320.0, 0.0, 640.0, 90.0, "zone", 1.0, "zone")
     assert boxes[0] == [RedactBox(90.0, 95.0, 150.0, 125.0, "plate", 0.9, "detected"), zone_box]

@@ -165,6 +165,7 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
 # -- settling ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")  # watchdog, folders made under a watch
 def test_slow_chunked_copy_is_enqueued_once_after_the_writes_stop(make_harness, tmp_path: Path) -> None:
     settle_s = 0.3
     h = make_harness(fake_clock=False, settle_s=settle_s)
@@ -292,11 +293,11 @@ def test_unprobeable_clip_is_retried_then_reported_invalid_once(make_harness) ->
     assert h.enqueued == [] and h.watcher.pending == frozenset()
 
     # Unchanged: neither events nor rescans report it again.
-    h.clock.advance(400.0)  # past rescan_interval_s
-    h.watcher.poll()
-    h.clock.advance(100.0)
-    h.watcher.poll()
-    assert len(h.invalid) == 1
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns))
+    for _ in range(100):  # 500 s: past rescan_interval_s (300 s) and several probe windows
+        h.clock.advance(5.0)
+        h.watcher.poll()
+    assert len(h.invalid) == 1 and h.watcher.pending == frozenset()
 
     # The copy resumes and finishes: a new version, taken normally.
     with target.open("ab") as out:
@@ -409,6 +410,18 @@ def test_missing_watch_dir_is_retried_until_it_appears(make_harness, tmp_path: P
     h.see(later)
     h.settle()
     assert sorted(h.enqueued_paths) == sorted([target, later])
+
+
+def test_stopped_emitter_is_replaced(make_harness) -> None:
+    h = make_harness()
+    for emitter in list(h.watcher._observer.emitters):  # what watchdog does on DELETE_SELF or ENOENT
+        emitter.stop()
+        emitter.join()
+    h.watcher.poll()
+    target = write_clip(h.watch_dir / "a.mp4")
+    h.see(target)
+    h.settle()
+    assert h.enqueued_paths == [target]
 
 
 def test_watch_dir_removed_and_recreated(make_harness, tmp_path: Path) -> None:
@@ -531,3 +544,27 @@ def test_own_folders_inside_the_watch_dir_are_ignored(make_harness, tmp_path: Pa
     h.see(source)
     h.settle()
     assert h.enqueued_paths == [source]
+
+
+# -- with the real probe -----------------------------------------------------------------------------
+
+
+def test_real_probe_waits_for_the_moov_of_a_half_copied_mp4(make_harness, tmp_path: Path) -> None:
+    media = pytest.importorskip("dashcamd.media")
+    media_factory = pytest.importorskip("media_factory")
+    (tmp_path / "card").mkdir()
+    source = media_factory.make_clip(tmp_path / "card" / "clip.mp4", width=160, height=120, seconds=0.5,
+                                     audio_streams=0)
+    data = source.read_bytes()
+    h = make_harness(probe=media.probe)
+    target = h.watch_dir / "DCIM" / "20240501_120000_F.MP4"
+    target.parent.mkdir()
+    target.write_bytes(data[: len(data) // 2])  # the copy stalls half-way: no moov yet
+    h.see(target)
+    h.settle()
+    assert h.enqueued == [] and h.invalid == [] and target.resolve() in h.watcher.pending
+    with target.open("ab") as out:
+        out.write(data[len(data) // 2 :])
+    h.watcher.poll()
+    h.settle()
+    assert h.enqueued_paths == [target]

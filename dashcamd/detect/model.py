@@ -19,7 +19,7 @@ from dashcamd.detect.errors import ArchitectureError
 
 BN_EPS = 1e-3  # the YOLOv5 training recipe's BatchNorm settings; checkpoints were trained with them
 BN_MOMENTUM = 0.03
-STRIDE_PROBE_PX = 256  # input side of the dry run that measures each level's stride
+STRIDE_PROBE_PX = 64  # input side of the dry run that measures each level's stride (small: it runs at every build)
 
 
 def _same_padding(kernel: int, padding: int | None) -> int:

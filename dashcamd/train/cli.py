@@ -44,10 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--augment", type=json.loads, default={},
                      help='AugmentConfig overrides as JSON, e.g. \'{"p_night": 0.3}\'')
 
-    exp = sub.add_parser("export", help="write a run checkpoint's EMA weights in the detector format")
+    exp = sub.add_parser("export", help="write a run checkpoint's EMA weights in the detector format (fp16)")
     exp.add_argument("checkpoint", type=Path, help="RUN_DIR/best.pt or last.pt")
     exp.add_argument("output", type=Path, help="e.g. weights/dashcamd-n-v1.pt")
-    exp.add_argument("--fp32", action="store_true", help="keep float32 (default: float16)")
     return ap
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from .export import export
 
-        meta = export(args.checkpoint, args.output, half=not args.fp32)
+        meta = export(args.checkpoint, args.output)
         print(json.dumps(meta, indent=1))
         return 0
 

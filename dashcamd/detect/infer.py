@@ -1,0 +1,270 @@
+"""Runtime detection: letterbox on the device, the model, per-class thresholds, class-aware NMS, unletterbox.
+
+Boxes are xyxy floats. "Model px" are pixels of the letterboxed model input, "frame px" of the original
+frame. Frames are RGB uint8 (H, W, 3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F
+
+from dashcamd.detect.checkpoint import load_model
+from dashcamd.detect.errors import DetectorError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_THRESHOLD = 0.25  # for classes the thresholds mapping does not name
+PAD_VALUE = 114 / 255  # YOLOv5's letterbox grey, the value the detector was trained with
+STRIDE_PX = 32  # largest model stride: input sides must be multiples of it
+MAX_NMS_CANDIDATES = 3000  # highest-scoring (box, class) pairs kept for NMS, bounds its O(n^2) memory
+MAX_DETECTIONS = 300  # per frame
+
+
+class Detection(NamedTuple):
+    """One detected object, frame pixels, clipped to the frame."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class LetterboxGeometry:
+    """How a frame of ``frame_h`` x ``frame_w`` maps into the model input of ``input_h`` x ``input_w``.
+
+    The frame is resized to ``resized_h`` x ``resized_w`` (aspect kept) and placed at
+    (``pad_left``, ``pad_top``); the rest is grey.
+    """
+
+    frame_h: int
+    frame_w: int
+    resized_h: int
+    resized_w: int
+    input_h: int
+    input_w: int
+    pad_top: int
+    pad_left: int
+
+    @property
+    def scale_x(self) -> float:
+        return self.resized_w / self.frame_w
+
+    @property
+    def scale_y(self) -> float:
+        return self.resized_h / self.frame_h
+
+
+def letterbox_geometry(frame_h: int, frame_w: int, inference_size: int,
+                       input_hw: tuple[int, int] | None = None) -> LetterboxGeometry:
+    """Long side to ``inference_size``; pad each side to the next multiple of 32 ("rect" as in YOLOv5
+    detect.py), or, for a fixed-size model (ONNX), fit into ``input_hw`` = (height, width) and pad to it.
+    Padding is split evenly between both sides.
+    """
+    if input_hw is None:
+        scale = inference_size / max(frame_h, frame_w)
+    else:
+        scale = min(input_hw[0] / frame_h, input_hw[1] / frame_w)
+    resized_h = max(1, round(frame_h * scale))
+    resized_w = max(1, round(frame_w * scale))
+    if input_hw is None:
+        input_h = math.ceil(resized_h / STRIDE_PX) * STRIDE_PX
+        input_w = math.ceil(resized_w / STRIDE_PX) * STRIDE_PX
+    else:
+        input_h, input_w = input_hw
+    return LetterboxGeometry(frame_h, frame_w, resized_h, resized_w, input_h, input_w,
+                             pad_top=(input_h - resized_h) // 2, pad_left=(input_w - resized_w) // 2)
+
+
+def letterbox(frames_rgb: torch.Tensor, geometry: LetterboxGeometry, dtype: torch.dtype = torch.float32,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, 3) RGB frames, on any device -> ``dtype`` (B, 3, input_h, input_w) in [0, 1].
+
+    Bilinear resize, antialiased when shrinking (so small faces and plate glyphs do not alias away).
+    """
+    x = frames_rgb.permute(0, 3, 1, 2).float().div_(255)
+    size = (geometry.resized_h, geometry.resized_w)
+    if size != (geometry.frame_h, geometry.frame_w):
+        shrinking = geometry.resized_h < geometry.frame_h
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking).clamp_(0, 1)
+    out = x.new_full((x.shape[0], 3, geometry.input_h, geometry.input_w), PAD_VALUE)
+    out[:, :, geometry.pad_top:geometry.pad_top + size[0], geometry.pad_left:geometry.pad_left + size[1]] = x
+    out = out.to(dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def unletterbox_boxes(boxes_xyxy: torch.Tensor, geometry: LetterboxGeometry) -> torch.Tensor:
+    """float (N, 4) model-px boxes -> frame-px boxes, clipped to the frame."""
+    offset = boxes_xyxy.new_tensor([geometry.pad_left, geometry.pad_top] * 2)
+    scale = boxes_xyxy.new_tensor([geometry.scale_x, geometry.scale_y] * 2)
+    boxes = (boxes_xyxy - offset) / scale
+    limit = boxes_xyxy.new_tensor([geometry.frame_w, geometry.frame_h] * 2)
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def box_iou(a_xyxy: torch.Tensor, b_xyxy: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU, float (N, 4) x (M, 4) -> (N, M); empty boxes have IoU 0 with everything."""
+    area_a = (a_xyxy[:, 2] - a_xyxy[:, 0]).clamp(min=0) * (a_xyxy[:, 3] - a_xyxy[:, 1]).clamp(min=0)
+    area_b = (b_xyxy[:, 2] - b_xyxy[:, 0]).clamp(min=0) * (b_xyxy[:, 3] - b_xyxy[:, 1]).clamp(min=0)
+    top_left = torch.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
+    bottom_right = torch.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Class-aware greedy NMS: indices (K,) int64 of kept boxes, highest score first.
+
+    boxes_xyxy float (N, 4), scores float (N,), classes int (N,). A box is dropped when a higher-scoring
+    box of the same class overlaps it with IoU > iou_threshold. Classes are kept apart by shifting each
+    class's boxes beyond all others (the offset trick), so one IoU matrix serves all classes.
+    """
+    if boxes_xyxy.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes_xyxy.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes = boxes_xyxy[order].float()
+    span = (boxes.max() - boxes.min()).abs() + 1
+    boxes = boxes + (classes[order].to(boxes.dtype) * span)[:, None]
+    overlaps = (box_iou(boxes, boxes) > iou_threshold).triu_(diagonal=1).cpu()
+    # The greedy pass is inherently sequential; it walks kept boxes only, on the CPU copy of the matrix.
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i]
+    return order[torch.tensor(keep, dtype=torch.int64, device=order.device)]
+
+
+def xywh_to_xyxy(boxes_xywh: torch.Tensor) -> torch.Tensor:
+    """(..., 4) centre x, centre y, width, height -> x1, y1, x2, y2."""
+    centre, half = boxes_xywh[..., :2], boxes_xywh[..., 2:] / 2
+    return torch.cat((centre - half, centre + half), dim=-1)
+
+
+def postprocess(pred: torch.Tensor, class_thresholds: torch.Tensor, iou_threshold: float,
+                max_detections: int = MAX_DETECTIONS) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Decoded model output -> per image (boxes_xyxy float (K, 4) model px, scores (K,), classes int64 (K,)).
+
+    pred: float (B, N, 5+nc) as ``YoloV5.forward`` returns in eval mode. Score = objectness x class
+    score; every (box, class) pair at or above that class's threshold (float (nc,)) is a candidate, so
+    a box that is both plausibly a face and a plate is kept as both (recall matters more than
+    duplicates when anonymising).
+    """
+    results = []
+    for image_pred in pred.float():
+        class_scores = image_pred[:, 5:] * image_pred[:, 4:5]
+        box_index, class_index = (class_scores >= class_thresholds.to(class_scores.device)).nonzero(as_tuple=True)
+        scores = class_scores[box_index, class_index]
+        if scores.numel() > MAX_NMS_CANDIDATES:
+            top = scores.topk(MAX_NMS_CANDIDATES).indices
+            box_index, class_index, scores = box_index[top], class_index[top], scores[top]
+        boxes = xywh_to_xyxy(image_pred[box_index, :4])
+        keep = nms(boxes, scores, class_index, iou_threshold)[:max_detections]
+        results.append((boxes[keep], scores[keep], class_index[keep]))
+    return results
+
+
+def resolve_device(requested: str) -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit device must be usable. Logs the choice and why."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            device, reason = torch.device("cuda"), "auto: cuda available"
+        elif torch.backends.mps.is_available():
+            device, reason = torch.device("mps"), "auto: mps available, no cuda"
+        else:
+            device, reason = torch.device("cpu"), "auto: neither cuda nor mps available"
+    else:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:
+            raise DetectorError(f"unknown device {requested!r}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DetectorError(f"device {requested!r} requested but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise DetectorError(f"device {requested!r} requested but MPS is not available")
+        reason = "requested"
+    log.info("detector_device", device=str(device), reason=reason)
+    return device
+
+
+class Detector:
+    """Faces and plates in batches of frames. The one object the worker keeps for the process lifetime."""
+
+    def __init__(self, weights: Path, device: str = "auto", thresholds: Mapping[str, float] | None = None,
+                 inference_size: int = 640, batch_size: int = 4, iou_threshold: float = 0.45) -> None:
+        """``weights``: any format ``load_model`` reads; ``.onnx`` runs on onnxruntime's CPU provider.
+
+        ``thresholds``: minimum score per class name; classes not named use DEFAULT_THRESHOLD.
+        """
+        if inference_size < STRIDE_PX or batch_size < 1:
+            raise DetectorError(f"need inference_size >= {STRIDE_PX} and batch_size >= 1")
+        model = load_model(weights)
+        self._input_hw: tuple[int, int] | None = getattr(model, "input_hw", None)
+        if self._input_hw is not None and device != "cpu":
+            log.info("detector_device", device="cpu", reason="onnx weights run on onnxruntime's CPU provider")
+            self.device = torch.device("cpu")
+        else:
+            self.device = resolve_device(device)
+        self.names: list[str] = list(model.names)
+        unknown = set(thresholds or {}) - set(self.names)
+        if unknown:
+            raise DetectorError(f"thresholds name unknown classes {sorted(unknown)}; the model has {self.names}")
+        self._class_thresholds = torch.tensor(
+            [(thresholds or {}).get(name, DEFAULT_THRESHOLD) for name in self.names], device=self.device)
+        self.inference_size = inference_size
+        self.batch_size = batch_size
+        self.iou_threshold = iou_threshold
+        self._cuda = self.device.type == "cuda"
+        self._dtype = torch.float16 if self._cuda else torch.float32
+        if self._input_hw is None:
+            model = model.to(self.device, dtype=self._dtype)
+            if self._cuda:
+                model = model.to(memory_format=torch.channels_last)
+        self._model = model
+        log.info("detector_loaded", weights=str(weights), names=self.names, inference_size=inference_size,
+                 dtype=str(self._dtype).removeprefix("torch."))
+
+    def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Detections per frame, in input order. Frames: uint8 (H, W, 3) RGB, any count, any mix of sizes
+        (frames of one size are batched together, ``batch_size`` at a time)."""
+        for frame in frames_rgb:
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise ValueError(f"expected uint8 (H, W, 3) RGB frames, got {frame.dtype} {frame.shape}")
+        results: list[list[Detection]] = []
+        start = 0
+        while start < len(frames_rgb):
+            end = start + 1
+            while (end < len(frames_rgb) and end - start < self.batch_size
+                   and frames_rgb[end].shape == frames_rgb[start].shape):
+                end += 1
+            results.extend(self._detect_batch(frames_rgb[start:end]))
+            start = end
+        return results
+
+    def _detect_batch(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Detection]]:
+        frame_h, frame_w = frames_rgb[0].shape[:2]
+        geometry = letterbox_geometry(frame_h, frame_w, self.inference_size, self._input_hw)
+        with torch.inference_mode():
+            batch = torch.from_numpy(np.stack(frames_rgb)).to(self.device, non_blocking=True)
+            pred = self._model(letterbox(batch, geometry, self._dtype, channels_last=self._cuda))
+            per_frame = postprocess(pred, self._class_thresholds, self.iou_threshold)
+            out = []
+            for boxes, scores, classes in per_frame:
+                boxes = unletterbox_boxes(boxes, geometry)
+                inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # not wholly in the padding
+                out.append([Detection(*box, self.names[cls], score) for box, score, cls in zip(
+                    boxes[inside].cpu().tolist(), scores[inside].cpu().tolist(), classes[inside].cpu().tolist())])
+        return out

@@ -1,0 +1,87 @@
+"""ONNX: export our model (dynamic batch, fixed square input), and run an exported file with onnxruntime.
+
+onnx/onnxruntime are an optional extra, so this module is imported only when an ``.onnx`` path is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dashcamd.detect.checkpoint import load_model
+from dashcamd.detect.errors import CheckpointError
+from dashcamd.detect.model import YoloV5
+
+OPSET = 17
+INPUT_NAME = "images"
+OUTPUT_NAME = "output"
+NAMES_KEY = "names"  # metadata_props entry: JSON list of class names
+
+
+def export_onnx(weights: Path, out_path: Path, inference_size: int = 640) -> None:
+    """Write ``weights`` (any torch format) as ONNX taking float32 (B, 3, S, S) RGB in [0, 1], S =
+    ``inference_size`` rounded up to a multiple of 32, returning decoded (B, N, 5+nc) like ``YoloV5``.
+
+    The class names travel in the file's metadata. The file appears atomically.
+    """
+    import onnx
+
+    model = load_model(weights)
+    if not isinstance(model, YoloV5):
+        raise CheckpointError(f"{weights}: export needs torch weights, not an ONNX file")
+    side = math.ceil(inference_size / 32) * 32
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, side, side),), str(tmp), dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = NAMES_KEY, json.dumps(model.names)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class OnnxModel(nn.Module):
+    """An exported detector behind the ``YoloV5`` eval-mode interface (CPU tensors in and out).
+
+    ``input_hw``: the fixed (height, width) the file was exported for; callers letterbox to it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        # Spinning threads burn CPU between calls; the worker shares the machine with video decode.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable files
+            raise CheckpointError(f"{path}: onnxruntime cannot load it: {e}") from e
+        meta = self._session.get_modelmeta().custom_metadata_map
+        model_input = self._session.get_inputs()[0]
+        height, width = model_input.shape[2:]
+        if not (isinstance(height, int) and isinstance(width, int)):
+            raise CheckpointError(f"{path}: expected a fixed input height and width, got {model_input.shape}")
+        self.input_hw = (height, width)
+        self._input_name = model_input.name
+        if NAMES_KEY not in meta:
+            raise CheckpointError(f"{path}: no class names in its metadata (not exported by dashcamd)")
+        self.names: list[str] = json.loads(meta[NAMES_KEY])
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, H, W) in [0, 1] with (H, W) = input_hw -> float32 (B, N, 5+nc) on the CPU."""
+        (out,) = self._session.run([OUTPUT_NAME], {self._input_name: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out)

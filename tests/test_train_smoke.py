@@ -1,0 +1,68 @@
+"""End to end on 4 tiny generated photos: train 2 steps, checkpoint, resume, finish an epoch, export."""
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dashcamd.detect import load_model
+from dashcamd.train import main
+from dashcamd.train.dataset import load_samples
+
+
+def _tiny_sets(root: Path) -> list[str]:
+    """2 plate photos (grey rectangles on noise) + 2 face photos, with their teacher label cache."""
+    rng = np.random.default_rng(0)
+    plates, faces, labels = root / "plates_openimages", root / "faces_unlabelled", root / "labels"
+    for d in (plates / "images", faces / "images", labels):
+        d.mkdir(parents=True)
+    ann, face_labels = [], {}
+    for i in range(2):
+        image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+        image[40:52, 30:70] = 230
+        cv2.imwrite(str(plates / "images" / f"p{i}.png"), image)
+        ann.append({"image": f"images/p{i}.png", "width": 128, "height": 96, "boxes": [[30, 40, 70, 52, "plate"]]})
+        image = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+        cv2.circle(image, (48, 48), 18, (200, 160, 140), -1)
+        cv2.imwrite(str(faces / "images" / f"f{i}.png"), image)
+        face_labels[f"images/f{i}.png"] = [[30, 30, 66, 66, 0.9]]
+    (plates / "annotations.json").write_text(json.dumps(ann))
+    (labels / "plates_openimages.json").write_text("{}")
+    (labels / "faces_unlabelled.json").write_text(json.dumps(face_labels))
+    return ["--plates-dir", str(plates), "--faces-dir", str(faces), "--labels-dir", str(labels)]
+
+
+def test_two_steps_checkpoint_resume_and_export(tmp_path):
+    data = _tiny_sets(tmp_path)
+    run = tmp_path / "run"
+    common = ["fit", "--run-dir", str(run), *data, "--batch-size", "2", "--crop-px", "64", "--threads", "1",
+              "--epochs", "2", "--dev-fraction", "0.5", "--eval-size-px", "96"]
+    train, dev = load_samples(*(Path(p) for p in data[1::2]), face_min_score=0.5, dev_fraction=0.5)
+    assert train and dev
+    steps_per_epoch = math.ceil(len(train) / 2)
+
+    assert main([*common, "--max-steps", "2"]) == 0
+    first = torch.load(run / "last.pt", weights_only=False)
+    assert first["state"]["step"] == 2 and first["ema_updates"] == 2
+
+    # Resume runs the remaining steps to the end of epoch 2, evaluating on dev after each epoch.
+    assert main([*common, "--resume"]) == 0
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["state"]["step"] == 2 * steps_per_epoch and last["state"]["epoch"] == 2
+    assert [h["epoch"] for h in last["state"]["history"]] == [1, 2]
+    assert "score" in last["state"]["history"][-1]["dev"]
+    assert (run / "best.pt").exists()
+    assert not list(run.glob("*.tmp"))
+
+    shipped = tmp_path / "w.pt"
+    assert main(["export", str(run / "best.pt"), str(shipped)]) == 0
+    model = load_model(shipped)
+    assert model.names == ["plate", "face"]
+    out = model(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 3 * (8 * 8 + 4 * 4 + 2 * 2), 7)
+    raw = torch.load(shipped, weights_only=True)
+    assert raw["state_dict"]["model.0.conv.weight"].dtype == torch.float16
+    assert raw["meta"]["epochs_done"] >= 1
