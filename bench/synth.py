@@ -347,21 +347,58 @@ def make_panning_clip(out_path: Path | str, seconds: float = 20.0, *, image: Pat
     return Path(out_path)
 
 
-def make_random_weights(path: Path | str, seed: int = 0) -> Path:
+def make_random_weights(path: Path | str, data_dir: Path | str = DEFAULT_DATA, seed: int = 0,
+                        boxes_per_frame: float = 8.0) -> Path:
     """A YOLOv5n face+plate checkpoint with random weights, for smoke runs before trained weights exist.
 
-    Its detections are noise: numbers measured with it say nothing about accuracy (speed is indicative).
+    A freshly initialised net is useless even as a load: its features vanish with depth, so every anchor
+    gets the same score and all of them pass the threshold (3000 NMS candidates, 300 boxes a frame). So
+    the BatchNorm statistics are set from a few street photos (features then vary with the image), and
+    the head is rescaled so that about ``boxes_per_frame`` anchors pass on those photos, each with one
+    clear class. Detections are still noise: numbers measured with it say nothing about accuracy.
     """
     import torch
+    from torch import nn
 
     from dashcamd.detect import build_model, save_checkpoint, yolov5_arch
 
     path = Path(path)
-    if not path.exists():
-        torch.manual_seed(seed)
-        model = build_model(yolov5_arch("n", nc=2), ["plate", "face"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, path, {"note": "random weights for benchmark smoke runs", "seed": seed})
+    if path.exists():
+        return path
+    torch.manual_seed(seed)
+    model = build_model(yolov5_arch("n", nc=2), ["plate", "face"])
+    photos = sorted((Path(data_dir) / DEFAULT_PANNING_IMAGE).parent.glob("*.jpg"))[:8]
+    if photos:
+        images = [cv2.resize(_read_photo(p), (640, 384)) for p in photos]
+    else:  # no data: smooth noise stands in for photos
+        rng = np.random.default_rng(seed)
+        images = [cv2.resize(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8), (640, 384)) for _ in range(4)]
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over this one batch
+        model.train()
+        model(batch)
+        model.eval()
+        head = model.detect
+        feats = model.forward_features(batch)
+        objectness = torch.cat([conv(f).view(len(images), head.na, head.no, -1)[:, :, 4].flatten()
+                                for conv, f in zip(head.m, feats)])
+        cut = float(torch.quantile(objectness, 1.0 - boxes_per_frame * len(images) / objectness.numel()))
+        sharpen = 8.0  # objectness well above the cut scores ~1, below it ~0: few boxes, steady count
+        for conv in head.m:
+            weight = conv.weight.view(head.na, head.no, -1)
+            bias = conv.bias.view(head.na, head.no)
+            weight[:, 4] *= sharpen
+            bias[:, 4] = sharpen * (bias[:, 4] - cut)
+            # Class logits as the difference of the two: exactly one class is likely per anchor.
+            diff_w, diff_b = weight[:, 5] - weight[:, 6], bias[:, 5] - bias[:, 6]
+            weight[:, 5], weight[:, 6] = sharpen * diff_w, -sharpen * diff_w
+            bias[:, 5], bias[:, 6] = sharpen * diff_b, -sharpen * diff_b
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, path, {"note": "random weights for benchmark smoke runs", "seed": seed})
     return path
 
 

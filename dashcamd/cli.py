@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from dashcamd.config import DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, Settings, load_settings
+from dashcamd.config import DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, LogSettings, Settings, load_settings
+from dashcamd.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -76,8 +77,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, overrides: dict | None = None) -> Settings:
-    from dashcamd.logs import configure_logging
-
     config_path = args.config
     if config_path is None and (overrides is None or DEFAULT_CONFIG_PATH.exists()):
         config_path = DEFAULT_CONFIG_PATH
@@ -135,9 +134,15 @@ def _thresholds(pairs: list[str]) -> dict[str, float] | None:
     return thresholds
 
 
+def _log_to_stderr() -> None:
+    """Commands that print results on stdout keep their logs out of it."""
+    configure_logging(LogSettings(), process="cli", stream=sys.stderr)
+
+
 def _detect(args: argparse.Namespace) -> int:
     from dashcamd.detect.commands import run_detect
 
+    _log_to_stderr()
     return run_detect(args.paths, args.weights, args.device, args.json, _thresholds(args.threshold),
                       args.inference_size)
 
@@ -145,6 +150,7 @@ def _detect(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from dashcamd.detect.commands import run_eval
 
+    _log_to_stderr()
     return run_eval(args.data, args.weights, args.device, _thresholds(args.threshold), args.inference_size,
                     json_out=args.json_out)
 
@@ -152,6 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _export_onnx(args: argparse.Namespace) -> int:
     from dashcamd.detect.commands import run_export_onnx
 
+    _log_to_stderr()
     return run_export_onnx(args.weights, args.output, args.inference_size)
 
 

@@ -74,7 +74,8 @@ class Daemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        recovered = self.queue.reset_running()
+        # The interrupted attempt counts: a clip that takes the whole daemon down must not loop forever.
+        recovered = self.queue.reset_running(max_attempts=self.settings.worker.max_attempts)
         stale = publish.remove_stale_temps(self.settings.paths.output)
         log.info(
             "daemon_started",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import structlog
 
@@ -120,7 +121,6 @@ class JobQueue:
             # pointing at a source that no longer exists. The queue commits a handful of times per
             # clip plus one progress update a second, so the extra fsync costs nothing measurable.
             self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as broken:
             self._db.close()
@@ -211,7 +211,9 @@ class JobQueue:
             ).fetchone()
         return _job(row) if row else None
 
-    def mark_done(self, job_id: int, output: Path, frames: int, seconds: float, now: float | None = None) -> None:
+    def mark_done(
+        self, job_id: int, output: Path, frames: int, seconds: float, now: float | None = None
+    ) -> None:
         """running → done. Committed with fsync before returning, so the original may go afterwards."""
         now = time.time() if now is None else now
         with self._transaction():
@@ -225,9 +227,10 @@ class JobQueue:
     def mark_retry(
         self, job_id: int, error: str, backoff_s: float, max_attempts: int, now: float | None = None
     ) -> str:
-        """running → queued due at now + backoff_s * 2**(attempts-1), or → failed once attempts >= max_attempts.
+        """running → queued, due at now + backoff_s * 2**(attempts-1); or → failed once
+        attempts >= max_attempts (max_attempts=0 fails at once).
 
-        Returns the new state (``"queued"`` or ``"failed"``).
+        Returns the new state, ``"queued"`` or ``"failed"``.
         """
         now = time.time() if now is None else now
         with self._transaction():
@@ -375,7 +378,9 @@ def read_status(db_path: Path, error_limit: int = 5) -> dict[str, Any]:
             if version != SCHEMA_VERSION:
                 raise QueueError(f"{db_path}: schema version {version}, this dashcamd reads {SCHEMA_VERSION}")
             current = _current(db)
-            next_due = db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            next_due = db.execute(
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'"
+            ).fetchone()[0]
             status = {
                 "db_path": str(db_path),
                 "counts": _counts(db),

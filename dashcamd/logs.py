@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 from dashcamd.config import LogSettings
 
 
-def configure_logging(settings: LogSettings, process: str = "main") -> None:
-    """JSON lines on stdout when not on a TTY (journald keeps them), a console renderer on a TTY.
+def configure_logging(settings: LogSettings, process: str = "main", stream: TextIO | None = None) -> None:
+    """JSON lines when not on a TTY (journald keeps them), a console renderer on a TTY.
+
+    ``stream`` defaults to stdout; commands whose stdout is data (``detect --json``) log to stderr.
 
     No ``cache_logger_on_first_use``: with spawned processes a cached logger would keep the parent's set-up.
     """
-    use_json = settings.format == "json" or (settings.format == "auto" and not sys.stdout.isatty())
+    stream = stream or sys.stdout
+    use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -27,7 +31,7 @@ def configure_logging(settings: LogSettings, process: str = "main") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 

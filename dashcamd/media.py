@@ -54,6 +54,8 @@ class ClipInfo:
     for MKV/TS); otherwise it is ``duration × fps`` rounded. ``duration_s`` is the video stream's.
     ``color_matrix`` / ``color_range`` are what decoding assumes ("bt709" | "bt601", "tv" | "pc"):
     the source's tags, or the usual guess (BT.709 from 720 lines up, BT.601 below and for JPEG).
+    ``rotation_deg`` (0/90/180/270) is the display-matrix rotation players apply; decoded frames are
+    NOT rotated (they come as stored) and the output keeps the same display matrix.
     """
 
     path: Path
@@ -533,8 +535,9 @@ class ClipWriter:
       to limited range, and the stream is tagged with that matrix and range; primaries and transfer
       are copied only when the source tagged them. So colours round-trip and players agree.
     - Rotation (display matrix) and container creation_time are copied.
-    - ``movflags=+faststart``: moov first so players can stream the file; costs one extra pass over
-      the file at close (measured ~1 % of encode time for a 720p clip).
+    - ``movflags=+faststart``: moov first so players can stream the file. It costs one extra pass
+      over the file at close, in place (no second copy on disk); for a 5 s 720p clip (10 MB) close
+      took 0.20 s with and 0.21 s without it, i.e. lost in the encoder flush.
 
     Errors: disk full, quota, I/O → TransientError. On an exception inside ``with`` the container is
     closed and the temp file left for publish/pipeline to delete.

@@ -243,6 +243,7 @@ class ClipWatcher:
         # Clips reported invalid, with the (size, mtime_ns) reported: not reported again unless changed.
         self._rejected: dict[Path, tuple[int, int]] = {}
         self._observer: BaseObserver | None = None
+        self._started = False
         self._next_rescan_at = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -250,14 +251,28 @@ class ClipWatcher:
     def start(self) -> None:
         """Start the observer, watch every folder that exists, scan them. Missing folders are retried
         by poll() (an SD card may be mounted later), so this never fails for a missing folder."""
-        if self._observer is not None:
+        if self._started:
             return
+        self._started = True
         self._start_observer()
         now = self._clock()
         self._ensure_watches(now)
         self._next_rescan_at = now + self._settings.rescan_interval_s
 
     def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._stop_observer()
+        log.info("watch_stopped")
+
+    def _start_observer(self) -> None:
+        observer = self._observer_factory()
+        observer.daemon = True  # never keep the process alive on a missed stop()
+        observer.start()
+        self._observer = observer
+
+    def _stop_observer(self) -> None:
         observer, self._observer = self._observer, None
         for root in self._roots:
             root.watch, root.identity = None, None
@@ -269,12 +284,6 @@ class ClipWatcher:
             observer.join(timeout=10)
         except Exception:
             log.exception("watch_stop_failed")
-        log.info("watch_stopped")
-
-    def _start_observer(self) -> None:
-        self._observer = self._observer_factory()
-        self._observer.daemon = True  # never keep the process alive on a missed stop()
-        self._observer.start()
 
     @property
     def pending(self) -> frozenset[Path]:
@@ -286,13 +295,14 @@ class ClipWatcher:
     def poll(self) -> None:
         """Main loop hook (every ~0.5 s): keep watches alive, take in events, rescan when due, queue
         settled clips. Never raises: a watcher bug must not take the daemon down."""
-        if self._observer is None:
+        if not self._started:
             return
         try:
             now = self._clock()
-            if not self._observer.is_alive():
-                log.error("watch_observer_died")
-                self.stop()
+            if self._observer is None or not self._observer.is_alive():
+                # Not expected (handlers never raise), but a dead observer would mean silence for ever.
+                log.error("watch_observer_died", action="restarting")
+                self._stop_observer()
                 self._start_observer()
             self._ensure_watches(now)
             for root_index, path in self._drain():
@@ -419,7 +429,8 @@ class ClipWatcher:
                 real = self._consider(root, path, now, via="scan")
                 if real is not None:
                     seen.add(real)
-        log.debug("scan_done", path=str(root.path), files=len(seen), new_candidates=len(self._candidates) - before)
+        log.debug("scan_done", path=str(root.path), files=len(seen),
+                  new_candidates=len(self._candidates) - before)
         return seen
 
     def _reason(self, root: _Root, rel: PurePath, path: Path, real: Path) -> str | None:

@@ -72,6 +72,7 @@ def make_clip(
         raise ValueError(f"unsupported codec {codec!r}")
     if vfr and suffix == ".avi":
         raise ValueError("AVI cannot carry variable frame timing")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fps = Fraction(fps)
     n_frames = max(1, round(seconds * fps))
     encoder_name, pix_fmt = _VIDEO_CODECS[codec]

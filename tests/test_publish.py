@@ -129,6 +129,25 @@ def test_remove_stale_temps_deletes_only_dead_writers_temps(tmp_path: Path) -> N
     assert len(list(outside.iterdir())) == 1
 
 
+def test_encode_verify_publish_flow(tmp_path: Path) -> None:
+    """The pipeline's order: temp beside the final name, encode into it (stays 0600), verify, publish."""
+    from dashcamd.config import EncoderSettings
+    from dashcamd.media import ClipReader, ClipWriter
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    source = make_clip(watch / "day1" / "clip.MOV", seconds=0.5)
+    final = output_path_for(source, watch, out, "_anon")
+    temp = temp_path_for(final)
+    with ClipReader(source) as reader, ClipWriter(temp, reader, EncoderSettings(preset="ultrafast")) as writer:
+        for frame in reader.frames():
+            writer.write(frame.rgb, frame.pts)
+    assert stat.S_IMODE(temp.stat().st_mode) == 0o600
+    verify_output(reader.info, temp, frames_dropped=reader.frames_dropped)
+    publish.publish(temp, final)
+    assert [p.name for p in final.parent.iterdir()] == ["clip_anon.mp4"]
+    assert probe(final).frame_count == 15
+
+
 # ------------------------------------------------------------------------------------------- verifying
 
 

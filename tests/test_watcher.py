@@ -342,7 +342,8 @@ def test_handler_never_raises() -> None:
 
 def test_startup_scan_finds_clips_that_arrived_while_down(make_harness, tmp_path: Path) -> None:
     watch_dir = tmp_path / "watch"
-    layout = ["DCIM/Normal/Front/F1.MP4", "DCIM/Normal/Back/B1.mp4", "Event/E1.mov", "Parking/P1.TS", "top.mp4"]
+    layout = ["DCIM/Normal/Front/F1.MP4", "DCIM/Normal/Back/B1.mp4", "Event/E1.mov", "Parking/P1.TS",
+              "top.mp4"]
     clips = [write_clip(watch_dir / rel) for rel in layout]
     h = make_harness(observer_factory=deaf_observer)
     assert h.watcher.pending == {c.resolve() for c in clips}
@@ -566,5 +567,16 @@ def test_real_probe_waits_for_the_moov_of_a_half_copied_mp4(make_harness, tmp_pa
     with target.open("ab") as out:
         out.write(data[len(data) // 2 :])
     h.watcher.poll()
+    h.settle()
+    assert h.enqueued_paths == [target]
+
+
+def test_dead_observer_is_restarted(make_harness) -> None:
+    h = make_harness()
+    h.watcher._observer.stop()
+    h.watcher._observer.join()
+    h.watcher.poll()
+    target = write_clip(h.watch_dir / "a.mp4")
+    h.see(target)
     h.settle()
     assert h.enqueued_paths == [target]

@@ -137,9 +137,9 @@ def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, i
     boxes = boxes_xyxy[order].float()
     span = (boxes.max() - boxes.min()).abs() + 1
     boxes = boxes + (classes[order].to(boxes.dtype) * span)[:, None]
-    overlaps = (box_iou(boxes, boxes) > iou_threshold).triu_(diagonal=1).cpu()
-    # The greedy pass is inherently sequential; it walks kept boxes only, on the CPU copy of the matrix.
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    overlaps = (box_iou(boxes, boxes) > iou_threshold).triu_(diagonal=1).cpu().numpy()
+    # The greedy pass is inherently sequential: a numpy walk over a CPU copy of the overlap matrix.
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
         if not suppressed[i]:

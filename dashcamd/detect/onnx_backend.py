@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,11 +39,15 @@ def export_onnx(weights: Path, out_path: Path, inference_size: int = 640) -> Non
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        torch.onnx.export(
-            model, (torch.zeros(1, 3, side, side),), str(tmp), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated, but the torch.export one needs onnxscript, which is
+            # not a dependency; this small static graph exports the same with either.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, (torch.zeros(1, 3, side, side),), str(tmp), dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = NAMES_KEY, json.dumps(model.names)

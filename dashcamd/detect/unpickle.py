@@ -137,16 +137,6 @@ _SAFE_CALLABLES: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "_reconstruct"): _np_multiarray._reconstruct,
 }
 
-_inert_classes: dict[str, type[Inert]] = {}
-
-
-def _inert_class(module: str, name: str) -> type[Inert]:
-    global_name = f"{module}.{name}"
-    if global_name not in _inert_classes:
-        _inert_classes[global_name] = type(name, (Inert,), {"global_name": global_name})
-    return _inert_classes[global_name]
-
-
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals; storages come from the open zip archive."""
 
@@ -155,6 +145,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._archive = archive
         self._prefix = prefix
         self._storages: dict[str, torch.Tensor] = {}
+        # Fresh stand-in classes per file: pickle's BUILD can set attributes on a class it references,
+        # and such a change must not outlive this load.
+        self._inert_classes: dict[str, type[Inert]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         # Protocol-2 pickles name Python 2 modules (__builtin__.set); map them as pickle itself would.
@@ -162,7 +155,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if name in _INERT_GLOBALS.get(module, ()):
-            return _inert_class(module, name)
+            global_name = f"{module}.{name}"
+            if global_name not in self._inert_classes:
+                self._inert_classes[global_name] = type(name, (Inert,), {"global_name": global_name})
+            return self._inert_classes[global_name]
         if (module, name) in _SAFE_CALLABLES:
             return _SAFE_CALLABLES[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
