@@ -19,6 +19,7 @@ import structlog
 
 from dashcamd import publish
 from dashcamd.config import Settings
+from dashcamd.errors import DashcamdError
 from dashcamd.jobs import Job, JobQueue
 from dashcamd.media import probe
 from dashcamd.notify import SystemdNotifier
@@ -259,7 +260,7 @@ class Daemon:
                 Path(job.watch_root),
                 self.settings.paths.archive,
             )
-        except OSError as failed:
+        except (OSError, DashcamdError, ValueError) as failed:
             log.error("originals_policy_failed", clip=job.path, job_id=job.id, error=str(failed))
         else:
             if self.settings.output.originals != "keep":
@@ -293,7 +294,7 @@ class Daemon:
             moved_to = publish.apply_originals_policy(
                 Path(job.path), "move", Path(job.watch_root), self.settings.paths.quarantine
             )
-        except OSError as failed:
+        except (OSError, DashcamdError, ValueError) as failed:
             log.error("quarantine_move_failed", clip=job.path, error=str(failed))
         else:
             log.info("clip_moved_to_quarantine", clip=job.path, moved_to=str(moved_to))

@@ -94,7 +94,7 @@ def process_clip(
     temp_video = publish.temp_path_for(output)
     temp_boxes = publish.temp_path_for(boxes_path) if boxes_path else None
     try:
-        with ClipReader(source) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
+        with ClipReader(source, info=info) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
             boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
             try:
                 counts, frames, redacted = _run_stages(
@@ -103,7 +103,7 @@ def process_clip(
             finally:
                 if boxes_file is not None:
                     boxes_file.close()
-        publish.verify_output(info, temp_video)
+        publish.verify_output(info, temp_video, frames_dropped=reader.frames_dropped)
         if _identity(source) != before:
             raise SourceChanged(f"{source} changed while it was processed")
         publish.publish(temp_video, output)
