@@ -45,7 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
     process.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     process.add_argument("--export-boxes", type=Path, default=None, metavar="FILE.jsonl",
                          help="write the redacted regions of every frame (one input only)")
-    add("status", _status, "print the queue: counts per state, current clip, last errors")
+    status = add("status", _status, "print the queue: counts per state, current clip, last errors")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     add("check-config", _check_config, "validate the settings and print the effective values")
 
     for name, handler, help_text in (
@@ -111,7 +112,16 @@ def _status(args: argparse.Namespace) -> int:
     if not database.exists():
         print(f"no queue yet at {database}")
         return EXIT_OK
-    print(json.dumps(read_status(database), indent=2, default=str))
+    status = read_status(database)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return EXIT_OK
+    print("queue: " + ", ".join(f"{state} {count}" for state, count in status["counts"].items()))
+    current = status["current"]
+    if current:
+        print(f"current: {current['path']} ({current['progress']:.0%}, attempt {current['attempts']})")
+    for job in status["recent_errors"]:
+        print(f"error: {job['path']} [{job['state']}]: {job['error']}")
     return EXIT_OK
 
 

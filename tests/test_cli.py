@@ -62,3 +62,29 @@ def test_process_writes_output_and_boxes_sidecar(tmp_path, weights):
     # The privacy zone is redacted on every frame and listed as such.
     assert all(any(box[6] == "zone" for box in line["boxes"]) for line in lines)
     assert all(isinstance(line["pts"], float) for line in lines)
+
+
+def test_status_prints_counts_current_clip_and_errors(tmp_path):
+    from dashcamd.jobs import JobQueue
+
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nwatch = ["{tmp_path}"]\noutput = "{tmp_path / "out"}"\nstate = "{state}"\n')
+    with JobQueue(state / "queue.sqlite3") as queue:
+        running = queue.enqueue(tmp_path / "a.mp4", tmp_path, 10, 1)
+        failing = queue.enqueue(tmp_path / "b.mp4", tmp_path, 20, 2)
+        queue.claim_next()
+        queue.set_progress(running.id, 0.5)
+        assert failing is not None
+        queue.enqueue(tmp_path / "c.mp4", tmp_path, 30, 3)
+        claimed = queue.claim_next()
+        queue.mark_quarantined(claimed.id, "no video stream")
+        result = _dashcamd("status", "--config", str(config), "--json")
+        text = _dashcamd("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "running 1" in text.stdout and "a.mp4 (50%" in text.stdout and "no video stream" in text.stdout
+    status = json.loads(result.stdout)
+    assert status["counts"]["running"] == 1
+    assert status["counts"]["quarantined"] == 1
+    assert status["current"]["path"].endswith("a.mp4") and status["current"]["progress"] == 0.5
+    assert status["recent_errors"][0]["error"] == "no video stream"
