@@ -91,6 +91,9 @@ class DetectorSettings(_Section):
     inference_size: int = Field(default=640, ge=64, le=4096, description="long side the detector sees")
     batch_size: int = Field(default=4, ge=1, le=256)
     iou_threshold: Fraction01 = 0.45
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="auto = fp16 on CUDA, fp32 elsewhere; bf16 = CPU autocast"
+    )
     detection_stride: int = Field(default=1, ge=1, le=10, description="detect every k-th frame")
     torch_threads: int = Field(default=0, ge=0, description="0 = choose from the CPU count")
 

@@ -65,6 +65,7 @@ def load_detector(settings: Settings):
         inference_size=settings.detector.inference_size,
         batch_size=settings.detector.batch_size,
         iou_threshold=settings.detector.iou_threshold,
+        precision=settings.detector.precision,
     )
 
 

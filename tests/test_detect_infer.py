@@ -185,3 +185,16 @@ def test_detector_with_onnx_weights_matches_torch(tmp_path: Path) -> None:
     for a, b in itertools.zip_longest(from_torch, onnx_detections):
         assert a.label == b.label and a.score == pytest.approx(b.score, abs=1e-4)
         assert np.allclose(a[:4], b[:4], atol=1e-2)
+
+
+def test_bf16_on_cpu_stays_close_to_fp32(grid_weights: Path) -> None:
+    frame = np.full((100, 192, 3), 90, np.uint8)
+    fp32 = Detector(grid_weights, device="cpu", thresholds={"face": 0.5}, inference_size=96).detect([frame])[0]
+    bf16 = Detector(grid_weights, device="cpu", thresholds={"face": 0.5}, inference_size=96, precision="bf16")
+    assert bf16.precision == "bf16"
+    detections = bf16.detect([frame])[0]
+    assert len(detections) == len(fp32) > 0
+    # Decoding runs in fp32 even under bf16 autocast, so boxes stay within a fraction of a pixel.
+    assert np.allclose(_as_sorted_boxes(detections), _as_sorted_boxes(fp32), atol=0.5)
+    with pytest.raises(DetectorError, match="CUDA"):
+        Detector(grid_weights, device="cpu", precision="fp16")

@@ -163,6 +163,9 @@ class Detect(nn.Module):
         return torch.cat([self._decode(level, p) for level, p in enumerate(raw)], dim=1)
 
     def _decode(self, level: int, p: torch.Tensor) -> torch.Tensor:
+        if p.dtype == torch.bfloat16:
+            # bf16 keeps 8 mantissa bits: decoded pixel coordinates would be off by up to 2 px at 640.
+            p = p.float()
         batch, _, ny, nx, _ = p.shape
         ys = torch.arange(ny, device=p.device, dtype=p.dtype)
         xs = torch.arange(nx, device=p.device, dtype=p.dtype)
