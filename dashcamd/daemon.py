@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from dashcamd import publish
-from dashcamd.config import Settings
+from dashcamd.config import ConfigError, Settings
 from dashcamd.errors import DashcamdError
 from dashcamd.jobs import Job, JobQueue
 from dashcamd.media import probe
@@ -51,6 +51,8 @@ class Daemon:
     """Runs until SIGTERM/SIGINT. One instance per process."""
 
     def __init__(self, settings: Settings) -> None:
+        if not settings.detector.weights.is_file():
+            raise ConfigError(f"detector.weights: no such file {settings.detector.weights}")
         self.settings = settings
         self.notifier = SystemdNotifier()
         self._stop = threading.Event()

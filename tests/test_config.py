@@ -107,3 +107,10 @@ def _all_keys(model: type[BaseModel]) -> list[tuple[str, str]]:
         for key in field.annotation.model_fields:
             keys.append((section, key))
     return keys
+
+
+def test_run_with_missing_weights_exits_2(tmp_path):
+    config = _write(tmp_path, MINIMAL.replace("/srv", str(tmp_path)) + f'[detector]\nweights = "{tmp_path}/none.pt"\n')
+    result = _dashcamd("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "detector.weights" in result.stderr and "Traceback" not in result.stderr
