@@ -111,7 +111,7 @@ def _detection_key(settings: Settings) -> str:
     d = settings.detector
     digest = hashlib.sha256(Path(d.weights).read_bytes()).hexdigest()[:16]
     return json.dumps({"weights": digest, "size": d.inference_size, "thresholds": d.thresholds,
-                       "iou": d.iou_threshold, "device": d.device}, sort_keys=True)
+                       "iou": d.iou_threshold, "device": d.device, "precision": d.precision}, sort_keys=True)
 
 
 def detect_clips(clips: list[Clip], settings: Settings) -> dict:
@@ -421,6 +421,8 @@ def build_settings(args: argparse.Namespace, work: Path) -> Settings:
         detector["inference_size"] = args.inference_size
     if args.device:
         detector["device"] = args.device
+    if args.precision:
+        detector["precision"] = args.precision
     detector["torch_threads"] = args.threads if args.threads else (os.cpu_count() or 1)
     overrides = {"detector": detector}
     if args.config is None:
@@ -444,6 +446,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="take detector/redact settings from this dashcamd config")
     parser.add_argument("--inference-size", type=int, default=0, help="detector input long side (0: settings)")
     parser.add_argument("--device", help="cpu | cuda | auto (default: settings)")
+    parser.add_argument("--precision", help="detector precision: auto | fp32 | fp16 | bf16 (default: settings)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: all cores; nothing else runs beside the detector here)")
     parser.add_argument("--memory", type=int, default=3, help="frame_memory of the 'memory' variant")
@@ -462,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         if args.random_weights:
-            args.weights = synth.make_random_weights(work / "random-yolov5n.pt")
+            args.weights = synth.make_random_weights(work / "random-yolov5n.pt", args.data)
         settings = build_settings(args, work)
         weights = Path(settings.detector.weights)
         if not weights.is_file():

@@ -48,7 +48,6 @@ class Measurement:
     kind: str
     what: str
     overrides: dict = field(default_factory=dict)
-    fp32: bool = False
 
 
 def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
@@ -59,7 +58,8 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         Measurement("copy", "copy", "process_clip with a detector that finds nothing: decode + encode + mux"),
         Measurement("full", "full", f"process_clip, default settings (size {defaults['inference_size']}, "
                                     f"stride {defaults['detection_stride']}, batch {defaults['batch_size']}, "
-                                    f"torch threads {defaults['threads_resolved']})"),
+                                    f"torch threads {defaults['threads_resolved']}, "
+                                    f"precision {defaults['precision']})"),
     ]
     for size in INFERENCE_SIZES:
         if size != defaults["inference_size"]:
@@ -67,18 +67,26 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
                                    {"detector": {"inference_size": size}}))
     for stride in STRIDES:
         if stride != defaults["detection_stride"]:
-            out.append(Measurement(f"stride={stride}", "full", f"detect every {stride}th frame",
+            out.append(Measurement(f"stride={stride}", "full", f"detect 1 frame in {stride}",
                                    {"detector": {"detection_stride": stride}}))
     for batch in BATCH_SIZES:
         if batch != defaults["batch_size"]:
-            out.append(Measurement(f"batch={batch}", "full", f"batch size {batch}", {"detector": {"batch_size": batch}}))
+            out.append(Measurement(f"batch={batch}", "full", f"batch size {batch}",
+                                   {"detector": {"batch_size": batch}}))
     cpus = os.cpu_count() or 1
     for threads in sorted({1, 2, cpus}):
         if threads <= cpus and threads != defaults["threads_resolved"]:
             out.append(Measurement(f"threads={threads}", "full", f"torch CPU threads {threads}",
                                    {"detector": {"torch_threads": threads}}))
-    if cuda:
-        out.append(Measurement("fp32", "full", "CUDA in fp32 instead of the default fp16", fp32=True))
+    # Precision: "auto" is fp16 on CUDA and fp32 on the CPU; compare with the other one that device has.
+    if cuda and defaults["precision"] != "fp32":
+        out.append(Measurement("precision=fp32", "full", "CUDA in fp32 (default fp16)",
+                               {"detector": {"precision": "fp32"}}))
+    elif cuda:
+        out.append(Measurement("precision=fp16", "full", "CUDA in fp16", {"detector": {"precision": "fp16"}}))
+    elif defaults["precision"] != "bf16":
+        out.append(Measurement("precision=bf16", "full", "CPU bf16 autocast, channels_last (default fp32)",
+                               {"detector": {"precision": "bf16"}}))
     return out
 
 
@@ -132,8 +140,6 @@ def run_child(spec: dict) -> dict:
     if spec["kind"] == "full":
         started = time.monotonic()
         detector = load_detector(settings)
-        if spec.get("fp32"):
-            _force_fp32(detector)
         result["load_s"] = round(time.monotonic() - started, 3)
         # The daemon's worker loads once and then runs clip after clip: time the steady state, so one
         # warm-up batch (lazy kernel set-up, CUDA autotuning) is run first and timed apart.
@@ -145,6 +151,7 @@ def run_child(spec: dict) -> dict:
         detector.detect([blank] * settings.detector.batch_size)
         result["warmup_s"] = round(time.monotonic() - started, 3)
         result["device"] = str(detector.device)
+        result["precision"] = getattr(detector, "precision", None)
     elif spec["kind"] == "copy":
         from dashcamd.config import CLASS_NAMES
 
@@ -153,9 +160,9 @@ def run_child(spec: dict) -> dict:
     cpu_before = _cpu_s()
     started = time.monotonic()
     if spec["kind"] == "decode":
-        info = probe(clip)  # process_clip probes first too
+        info = probe(clip)  # as process_clip: probe once, hand the info to the reader
         frames = 0
-        with ClipReader(clip) as reader:
+        with ClipReader(clip, info=info) as reader:
             for _ in reader.frames():
                 frames += 1
     else:
@@ -180,24 +187,12 @@ def run_child(spec: dict) -> dict:
         "settings": {"detector": settings.detector.model_dump(mode="json"),
                      "encoder": settings.encoder.model_dump(mode="json")},
     })
-    if detector is not None and getattr(detector, "device", None) is not None and str(detector.device).startswith("cuda"):
+    if str(getattr(detector, "device", "")).startswith("cuda"):
         import torch
 
         result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["cuda_device"] = torch.cuda.get_device_name(detector.device)
     return result
-
-
-def _force_fp32(detector) -> None:
-    """The Detector runs fp16 on CUDA and has no switch for it; flip its dtype for this comparison."""
-    import torch
-
-    if not hasattr(detector, "_dtype") or not hasattr(detector, "_model"):
-        raise RuntimeError("dashcamd.detect.Detector changed: no _dtype/_model to switch to fp32")
-    if detector._dtype == torch.float32:
-        return
-    detector._dtype = torch.float32
-    detector._model = detector._model.float()
 
 
 def _peak_rss_kb() -> int:
@@ -239,7 +234,7 @@ def spawn(measurement: Measurement, clip: Path, work: Path, base_overrides: dict
     for section, values in measurement.overrides.items():
         overrides.setdefault(section, {}).update(values)
     spec = {"name": measurement.name, "kind": measurement.kind, "clip": str(clip), "work": str(work),
-            "overrides": overrides, "fp32": measurement.fp32, "config": str(config) if config else None}
+            "overrides": overrides, "config": str(config) if config else None}
     result_path = work / f"result-{measurement.name.replace('=', '-')}.json"
     result_path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), "--result", str(result_path)]
@@ -297,15 +292,16 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
           f"frames ({clip_info['seconds']:.1f} s), audio: {clip_info['audio']}")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; detector device: {', '.join(sorted(devices)) or '-'}"
           f"; load average at start {machine['load_average_at_start']}")
-    print(f"\n{'measurement':13} {'fps':>7} {'min-max':>13} {'x realtime':>10} {'cpu ms/fr':>9} {'peak RSS MB':>11}  what")
+    print(f"\n{'measurement':15} {'fps':>7} {'min-max':>13} {'x realtime':>10} {'cpu ms/fr':>9} "
+          f"{'peak RSS MB':>11}  what")
     for m in measurements:
         s = summaries[m.name]
         if not s.get("ok"):
-            print(f"{m.name:13} {'FAILED':>7}  {s.get('errors', ['?'])[0][:200]}")
+            print(f"{m.name:15} {'FAILED':>7}  {s.get('errors', ['?'])[0][:200]}")
             continue
         spread = f"{s['fps_min']:.1f}-{s['fps_max']:.1f}"
         extra = f" [CUDA peak {s['cuda_peak_mb']:.0f} MB]" if "cuda_peak_mb" in s else ""
-        print(f"{m.name:13} {s['fps_median']:>7.1f} {spread:>13} {s['realtime_factor']:>10.2f} "
+        print(f"{m.name:15} {s['fps_median']:>7.1f} {spread:>13} {s['realtime_factor']:>10.2f} "
               f"{s['cpu_ms_per_frame_median']:>9.1f} {s['peak_rss_mb_max']:>11.0f}  {m.what}{extra}")
     full, copy = summaries.get("full", {}), summaries.get("copy", {})
     if full.get("ok") and copy.get("ok"):
@@ -328,7 +324,7 @@ def default_detector_settings(config: Path | None, base_overrides: dict, work: P
     threads = detector.torch_threads or max(1, (os.cpu_count() or 2) - 1)  # as load_detector resolves it
     return {"inference_size": detector.inference_size, "detection_stride": detector.detection_stride,
             "batch_size": detector.batch_size, "threads_resolved": threads, "device": detector.device,
-            "weights": str(detector.weights)}
+            "precision": detector.precision, "weights": str(detector.weights)}
 
 
 def _cuda_expected(device_setting: str) -> bool:
@@ -354,8 +350,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="subset: names (decode copy full size=960 stride=2 batch=1 threads=2 fp32) or "
-                             "groups (size stride batch threads)")
+                        help="subset: names (decode copy full size=960 stride=2 batch=1 threads=2 precision=bf16) "
+                             "or groups (size stride batch threads precision)")
     parser.add_argument("--weights", type=Path, help="detector weights (default: the settings' default)")
     parser.add_argument("--random-weights", action="store_true", help="random-weights YOLOv5n (smoke runs)")
     parser.add_argument("--device", help="detector device: cpu | cuda | auto (default: settings)")
@@ -384,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         clip = args.clip
         if clip is None:
-            clip = work / f"panning-{args.seconds:g}s-{args.size[0]}x{args.size[1]}-{args.fps}.mp4"
+            photo = (args.image or synth.DEFAULT_PANNING_IMAGE).stem[:24]
+            clip = work / f"panning-{photo}-{args.seconds:g}s-{args.size[0]}x{args.size[1]}-{args.fps}.mp4"
             if not clip.exists():
                 _progress(f"making {clip.name}")
                 synth.make_panning_clip(clip, args.seconds, image=args.image, data_dir=args.data, fps=args.fps,
@@ -426,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "clip": clip_info, "machine": machine, "detector_devices": sorted(devices),
                 "defaults": defaults, "repeats": args.repeats, "random_weights": args.random_weights,
                 "measurements": [{"name": m.name, "kind": m.kind, "what": m.what, "overrides": m.overrides,
-                                  "fp32": m.fp32, "summary": summaries[m.name], "runs": runs[m.name]}
+                                  "summary": summaries[m.name], "runs": runs[m.name]}
                                  for m in selected],
                 "full_over_copy": (round(summaries["full"]["fps_median"] / summaries["copy"]["fps_median"], 3)
                                    if summaries.get("full", {}).get("ok") and summaries.get("copy", {}).get("ok")

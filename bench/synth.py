@@ -357,14 +357,14 @@ def make_random_weights(path: Path | str, data_dir: Path | str = DEFAULT_DATA, s
     the head is rescaled so that about ``boxes_per_frame`` anchors pass on those photos, each with one
     clear class. Detections are still noise: numbers measured with it say nothing about accuracy.
     """
+    path = Path(path)
+    if path.exists():
+        return path
     import torch
     from torch import nn
 
     from dashcamd.detect import build_model, save_checkpoint, yolov5_arch
 
-    path = Path(path)
-    if path.exists():
-        return path
     torch.manual_seed(seed)
     model = build_model(yolov5_arch("n", nc=2), ["plate", "face"])
     photos = sorted((Path(data_dir) / DEFAULT_PANNING_IMAGE).parent.glob("*.jpg"))[:8]

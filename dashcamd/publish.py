@@ -214,7 +214,18 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # exists, belongs to someone else
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed worker nobody has reaped yet (containers without an init that reaps) writes nothing more;
+    found by tests/test_faults.py: its temp survived the restart after a kill -9 of the whole daemon."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] == "Z"
 
 
 # ------------------------------------------------------------------------------------------ originals

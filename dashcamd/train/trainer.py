@@ -90,7 +90,8 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES))
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     ema = ModelEMA(model)
-    state = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_score": -1.0, "history": []}
+    # samples (not batches) seen in the current epoch, so a resume may change the batch size.
+    state = {"epoch": 0, "samples_in_epoch": 0, "step": 0, "best_score": -1.0, "history": []}
     if resume and last_path.exists():
         ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -98,8 +99,8 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         ema.updates = ckpt["ema_updates"]
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        log.info("resumed %s at epoch %d batch %d step %d", last_path, state["epoch"],
-                 state["batch_in_epoch"], state["step"])
+        log.info("resumed %s at epoch %d sample %d step %d", last_path, state["epoch"],
+                 state["samples_in_epoch"], state["step"])
 
     dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
     batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
@@ -114,7 +115,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     last_save = time.monotonic()
     metrics: dict = {}  # dev metrics of the latest epoch that was evaluated
     while state["epoch"] < cfg.epochs:
-        epoch, skip = state["epoch"], state["batch_in_epoch"] * cfg.batch_size
+        epoch, skip = state["epoch"], state["samples_in_epoch"]
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(len(dataset), cfg.seed, epoch, skip),
@@ -132,13 +133,13 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
             optimizer.step()
             ema.update(model)
             state["step"] += 1
-            state["batch_in_epoch"] += 1
+            state["samples_in_epoch"] += len(images)
             sums += parts
             n += 1
             if state["step"] % 10 == 0:
                 box, obj, cls = (sums / n).tolist()
-                log.info("epoch %d batch %d/%d step %d lr %.5f box %.4f obj %.4f cls %.4f %.2fs/batch",
-                         epoch, state["batch_in_epoch"], batches_per_epoch, state["step"],
+                log.info("epoch %d sample %d/%d step %d lr %.5f box %.4f obj %.4f cls %.4f %.2fs/batch",
+                         epoch, state["samples_in_epoch"], len(dataset), state["step"],
                          optimizer.param_groups[0]["lr"], box, obj, cls, (time.monotonic() - t_epoch) / n)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 checkpoint(last_path)
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
                 checkpoint(last_path)
                 last_save = time.monotonic()
         epoch_s = time.monotonic() - t_epoch
-        state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+        state["epoch"], state["samples_in_epoch"] = epoch + 1, 0
         entry = {"epoch": epoch + 1, "step": state["step"], "epoch_s": round(epoch_s, 1),
                  "loss_box_obj_cls": [round(v, 5) for v in (sums / max(n, 1)).tolist()]}
         metrics = {}
