@@ -94,6 +94,9 @@ class DetectorSettings(_Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto = fp16 on CUDA, fp32 elsewhere; bf16 = CPU autocast"
     )
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        default="auto", description="auto = onnxruntime on the CPU when installed, torch otherwise"
+    )
     detection_stride: int = Field(default=1, ge=1, le=10, description="detect every k-th frame")
     torch_threads: int = Field(default=0, ge=0, description="0 = choose from the CPU count")
 

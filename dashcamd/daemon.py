@@ -28,6 +28,9 @@ from dashcamd.worker import worker_main
 
 TICK_S = 0.5
 WORKER_RESTART_MAX_BACKOFF_S = 60.0
+# Importing torch and loading the model can take minutes on a NAS (cold disk, slow CPU). The worker sends
+# nothing meanwhile, so the heartbeat timeout (which may be set to seconds) must not apply to loading.
+WORKER_LOAD_TIMEOUT_S = 300.0
 
 log = structlog.get_logger()
 
@@ -60,8 +63,13 @@ class Daemon:
         self._worker_failures = 0
         self._worker_restart_at = 0.0
         self._last_watchdog = 0.0
-        for folder in (settings.paths.state, settings.paths.output):
-            folder.mkdir(parents=True, exist_ok=True)
+        settings.paths.state.mkdir(parents=True, exist_ok=True)
+        try:
+            settings.paths.output.mkdir(parents=True, exist_ok=True)
+        except OSError as unwritable:
+            # Not fatal: a read-only or full output volume must not crash-loop the service. Each job creates
+            # the folder itself and fails as transient (retried) until it can.
+            log.warning("output_folder_unavailable", path=str(settings.paths.output), error=unwritable.strerror)
         self.queue = JobQueue(settings.paths.state / "queue.sqlite3")
         self.watcher = ClipWatcher(
             settings,
@@ -119,15 +127,21 @@ class Daemon:
         ready = wait([worker.conn, worker.process.sentinel], timeout=TICK_S)
         if worker.conn in ready:
             self._drain_messages(worker)
+        silent_s = time.monotonic() - worker.last_heard
         if not worker.process.is_alive():
             self._on_worker_exit(worker, reason=f"worker exited with code {worker.process.exitcode}")
-        elif time.monotonic() - worker.last_heard > self.settings.worker.heartbeat_timeout_s:
+        elif silent_s > self._silence_limit_s(worker):
             worker.process.kill()
             worker.process.join(5)
-            self._on_worker_exit(worker, reason="worker hung (no heartbeat); killed")
+            reason = ("worker hung (no heartbeat); killed" if worker.ready
+                      else f"worker did not load the detector within {self._silence_limit_s(worker):.0f} s; killed")
+            self._on_worker_exit(worker, reason=reason)
         elif worker.ready and worker.job is None:
             self._dispatch(worker)
-        self._report_health(healthy=self._worker is not None)
+        # Healthy while the worker answers within half its limit: WATCHDOG=1 stops as soon as it looks stuck,
+        # not only once it is killed (found by tests/test_faults.py: pings went on through a hang).
+        healthy = self._worker is not None and silent_s < self._silence_limit_s(worker) / 2
+        self._report_health(healthy=healthy)
 
     def _shutdown(self) -> None:
         self.watcher.stop()
@@ -162,6 +176,11 @@ class Daemon:
         now = time.monotonic()
         self._worker = _WorkerHandle(process=process, conn=parent_conn, started_at=now, last_heard=now)
         log.info("worker_started", pid=process.pid)
+
+    def _silence_limit_s(self, worker: _WorkerHandle) -> float:
+        """How long the worker may stay silent before it is killed: loading gets longer than a heartbeat."""
+        heartbeat_s = self.settings.worker.heartbeat_timeout_s
+        return heartbeat_s if worker.ready else max(heartbeat_s, WORKER_LOAD_TIMEOUT_S)
 
     def _on_worker_exit(self, worker: _WorkerHandle, reason: str) -> None:
         self._worker = None

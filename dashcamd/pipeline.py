@@ -21,7 +21,7 @@ import structlog
 
 from dashcamd import publish
 from dashcamd.config import Settings
-from dashcamd.errors import SourceChanged, TransientError
+from dashcamd.errors import InvalidClip, SourceChanged, TransientError
 from dashcamd.media import ClipReader, ClipWriter, DecodedFrame, probe
 from dashcamd.redact import RedactBox, Redactor
 from dashcamd.track import TemporalFilter
@@ -66,6 +66,7 @@ def load_detector(settings: Settings):
         batch_size=settings.detector.batch_size,
         iou_threshold=settings.detector.iou_threshold,
         precision=settings.detector.precision,
+        runtime=settings.detector.runtime,
     )
 
 
@@ -95,16 +96,23 @@ def process_clip(
     temp_video = publish.temp_path_for(output)
     temp_boxes = publish.temp_path_for(boxes_path) if boxes_path else None
     try:
-        with ClipReader(source, info=info) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
-            boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
-            try:
-                counts, frames, redacted = _run_stages(
-                    reader, writer, settings, detector, info.frame_count, on_progress, boxes_file
-                )
-            finally:
-                if boxes_file is not None:
-                    boxes_file.close()
-        publish.verify_output(info, temp_video, frames_dropped=reader.frames_dropped)
+        try:
+            with ClipReader(source, info=info) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
+                boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
+                try:
+                    counts, frames, redacted = _run_stages(
+                        reader, writer, settings, detector, info.frame_count, on_progress, boxes_file
+                    )
+                finally:
+                    if boxes_file is not None:
+                        boxes_file.close()
+            publish.verify_output(info, temp_video, frames_dropped=reader.frames_dropped)
+        except InvalidClip as invalid:
+            # A clip rewritten under the reader decodes as garbage; that is a new version to process, not a
+            # broken clip to quarantine (found by tests/test_faults.py).
+            if _identity(source) != before:
+                raise SourceChanged(f"{source} changed while it was processed") from invalid
+            raise
         if _identity(source) != before:
             raise SourceChanged(f"{source} changed while it was processed")
         publish.publish(temp_video, output)

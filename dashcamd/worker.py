@@ -6,7 +6,11 @@ inference falls silent and the daemon can tell a hang from a slow clip.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from dashcamd.config import Settings
 from dashcamd.errors import InvalidClip, SourceChanged, TransientError
 from dashcamd.logs import configure_logging
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 IDLE_HEARTBEAT_S = 2.0
 PROGRESS_INTERVAL_S = 1.0
 
@@ -44,7 +49,9 @@ class _Channel:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def send(self, kind: str, **fields: Any) -> None:
+    def send(self, kind: str, /, **fields: Any) -> None:
+        # Positional-only: "failed" messages carry a field named ``kind`` too. Without the slash every
+        # failure report raised TypeError and took the worker down (found by tests/test_faults.py).
         with self._lock:
             self._conn.send((kind, fields))
 
@@ -53,6 +60,7 @@ def worker_main(conn: Connection, settings: Settings) -> None:
     """Entry point of the spawned worker process."""
     configure_logging(settings.log, process="worker")
     log = structlog.get_logger()
+    _die_with_parent(log)
     cancel = threading.Event()
     # SIGINT from a terminal reaches the whole process group; only the daemon decides what to do with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -75,6 +83,27 @@ def worker_main(conn: Connection, settings: Settings) -> None:
         if kind == "job":
             _run_job(JobOrder(**fields), settings, detector, channel, cancel)
     log.info("worker_stopped")
+
+
+def _die_with_parent(log: Any) -> None:
+    """Linux: have the kernel SIGKILL this worker when the daemon dies, even by kill -9 or the OOM killer.
+
+    An orphaned worker would finish its clip and publish behind the back of the restarted daemon, whose new
+    worker processes the same clip again (and both would hold the GPU). systemd's KillMode covers this only
+    under systemd.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as unsupported:
+        log.warning("worker_parent_death_signal_unavailable", error=str(unsupported))
+        return
+    if parent is not None and os.getppid() != parent.pid:  # the daemon died before prctl took effect
+        os._exit(1)
 
 
 def _run_job(order: JobOrder, settings: Settings, detector: Any, channel: _Channel, cancel: threading.Event) -> None:

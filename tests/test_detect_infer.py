@@ -198,3 +198,21 @@ def test_bf16_on_cpu_stays_close_to_fp32(grid_weights: Path) -> None:
     assert np.allclose(_as_sorted_boxes(detections), _as_sorted_boxes(fp32), atol=0.5)
     with pytest.raises(DetectorError, match="CUDA"):
         Detector(grid_weights, device="cpu", precision="fp16")
+
+
+def test_onnxruntime_runtime_matches_torch_on_several_frame_shapes(tmp_path: Path) -> None:
+    weights = tmp_path / "random.pt"
+    write_dashcamd_checkpoint(weights, random_model(seed=3))
+    thresholds = {"plate": 0.05, "face": 0.05}
+    on_torch = Detector(weights, device="cpu", thresholds=thresholds, inference_size=96, runtime="torch")
+    on_ort = Detector(weights, device="cpu", thresholds=thresholds, inference_size=96, runtime="auto")
+    assert (on_torch.runtime, on_ort.runtime) == ("torch", "onnxruntime")
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 255, shape, np.uint8) for shape in ((72, 128, 3), (72, 128, 3), (128, 96, 3))]
+    for a_frame, b_frame in zip(on_torch.detect(frames), on_ort.detect(frames)):
+        assert len(a_frame) == len(b_frame) > 0
+        for a, b in zip(sorted(a_frame), sorted(b_frame)):
+            assert a.label == b.label and a.score == pytest.approx(b.score, abs=1e-4)
+            assert np.allclose(a[:4], b[:4], atol=1e-2)
+    with pytest.raises(DetectorError, match="runtime"):
+        Detector(weights, device="cpu", runtime="tensorrt")

@@ -1,15 +1,18 @@
-"""ONNX: export our model (dynamic batch, fixed square input), and run an exported file with onnxruntime.
+"""ONNX: export our model (dynamic batch, fixed input size), run an exported file or a live model with onnxruntime.
 
 onnx/onnxruntime are an optional extra, so this module is imported only when an ``.onnx`` path is used.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,15 +42,7 @@ def export_onnx(weights: Path, out_path: Path, inference_size: int = 640) -> Non
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     try:
-        with warnings.catch_warnings():
-            # The TorchScript exporter is deprecated, but the torch.export one needs onnxscript, which is
-            # not a dependency; this small static graph exports the same with either.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                model, (torch.zeros(1, 3, side, side),), str(tmp), dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
+        _export(model, (side, side), tmp)
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = NAMES_KEY, json.dumps(model.names)
@@ -55,6 +50,59 @@ def export_onnx(weights: Path, out_path: Path, inference_size: int = 640) -> Non
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _export(model: YoloV5, input_hw: tuple[int, int], target: str | Path | io.BytesIO) -> None:
+    """ONNX graph for float32 (B, 3, *input_hw) input, batch dynamic."""
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated, but the torch.export one needs onnxscript, which is
+        # not a dependency; this small static graph exports the same with either.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, *input_hw),), target if isinstance(target, io.BytesIO) else str(target),
+            dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def _session(source: str | bytes, threads: int):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    # Spinning threads burn CPU between calls; the worker shares the machine with video decode.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+class OnnxRuntimeModel(nn.Module):
+    """A torch ``YoloV5`` run by onnxruntime on the CPU: about twice torch's fp32 speed there (README).
+
+    Exported in memory at start-up and once per new letterbox shape (a clip has one), so the model sees
+    exactly the input torch would, padding included. Same interface as ``YoloV5`` in eval mode.
+    """
+
+    def __init__(self, model: YoloV5, threads: int | None = None) -> None:
+        super().__init__()
+        self._model = model.float().eval()
+        self._threads = threads or torch.get_num_threads()
+        self._sessions: dict[tuple[int, int], Any] = {}
+        self.names: list[str] = list(model.names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, H, W) in [0, 1] -> float32 (B, N, 5+nc) on the CPU."""
+        input_hw = (x.shape[2], x.shape[3])
+        session = self._sessions.get(input_hw)
+        if session is None:
+            buffer = io.BytesIO()
+            _export(self._model, input_hw, buffer)
+            session = self._sessions[input_hw] = _session(buffer.getvalue(), self._threads)
+        (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out)
 
 
 class OnnxModel(nn.Module):
@@ -65,13 +113,8 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        # Spinning threads burn CPU between calls; the worker shares the machine with video decode.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = _session(str(path), torch.get_num_threads())
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable files
             raise CheckpointError(f"{path}: onnxruntime cannot load it: {e}") from e
         meta = self._session.get_modelmeta().custom_metadata_map

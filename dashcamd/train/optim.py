@@ -1,7 +1,7 @@
 """Optimiser parameter groups, the warm-up + cosine learning-rate schedule, and the weight EMA.
 
-The schedule is a pure function of (step, total steps) so a resumed or extended run recomputes it
-from the saved step counter; nothing else about it needs saving.
+The schedule is a pure function of (epoch progress, planned epochs) so a resumed or extended run
+recomputes it from the saved counters; nothing else about it needs saving.
 """
 
 from __future__ import annotations
@@ -39,24 +39,24 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, final_factor: float) -> float:
-    """Multiplier of the base LR: cosine from 1 to final_factor over total_steps, times a linear
-    warm-up ramp over the first warmup_steps (large early updates on random weights diverge)."""
-    t = min(step, total_steps) / max(1, total_steps)
+def lr_factor(progress_epochs: float, total_epochs: float, warmup_epochs: float, final_factor: float) -> float:
+    """Multiplier of the base LR at a (fractional) epoch: cosine from 1 to final_factor over
+    total_epochs, times a linear warm-up ramp over warmup_epochs (large early updates on random
+    weights diverge). Measured in epochs, not steps, so a resume may change the batch size."""
+    t = min(progress_epochs, total_epochs) / max(total_epochs, 1e-9)
     cosine = final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
-    return cosine * min(1.0, (step + 1) / max(1, warmup_steps))
+    return cosine * min(1.0, max(progress_epochs, 1e-3) / max(warmup_epochs, 1e-9))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float, step: int,
-           warmup_steps: int) -> None:
-    """Apply the factor; during warm-up SGD biases start high (0.1) and fall to the schedule, as
-    YOLOv5 does, because the objectness bias must move fast to stop predicting objects everywhere."""
-    warm = step < warmup_steps and isinstance(optimizer, torch.optim.SGD)
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float, warmup_left: float) -> None:
+    """Apply the factor. While warm-up lasts (warmup_left in (0, 1] = share of it still to go) SGD
+    biases start high (0.1) and fall to the schedule, as YOLOv5 does, because the objectness bias
+    must move fast to stop predicting objects everywhere."""
+    warm = warmup_left > 0 and isinstance(optimizer, torch.optim.SGD)
     for g in optimizer.param_groups:
         lr = base_lr * factor
         if warm and g.get("kind") == "bias":
-            w = step / max(1, warmup_steps)
-            lr = 0.1 * (1 - w) + lr * w
+            lr = 0.1 * warmup_left + lr * (1 - warmup_left)
         g["lr"] = lr
 
 

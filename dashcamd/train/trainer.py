@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,7 +76,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     """Train (or continue) the run in cfg.run_dir. Returns the last dev metrics (may be empty).
 
     On resume the epoch count of `cfg` wins, so passing a larger --epochs extends a finished run;
-    the cosine schedule is recomputed over the new total from the saved step.
+    the cosine schedule is recomputed over the new total from the saved epoch progress.
     """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -103,9 +102,6 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
                  state["samples_in_epoch"], state["step"])
 
     dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
-    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    total_steps = cfg.epochs * batches_per_epoch
-    warmup_steps = max(round(cfg.warmup_epochs * batches_per_epoch), min(100, total_steps // 10))
 
     def checkpoint(path: Path, **extra) -> None:
         _atomic_save({"config": asdict(cfg), "model": model.state_dict(), "ema": ema.model.state_dict(),
@@ -124,8 +120,9 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         model.train()
         t_epoch, sums, n = time.monotonic(), torch.zeros(3), 0
         for images, targets in loader:
-            set_lr(optimizer, cfg.lr, lr_factor(state["step"], total_steps, warmup_steps, cfg.final_lr_factor),
-                   state["step"], warmup_steps)
+            progress = epoch + state["samples_in_epoch"] / len(dataset)
+            set_lr(optimizer, cfg.lr, lr_factor(progress, cfg.epochs, cfg.warmup_epochs, cfg.final_lr_factor),
+                   max(0.0, 1 - progress / cfg.warmup_epochs) if cfg.warmup_epochs else 0.0)
             loss, parts = loss_fn(model(images), targets, cfg.crop_px)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
