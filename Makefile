@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[onnx]"
 
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_CPU)"
