@@ -550,6 +550,8 @@ class ClipWriter:
         self._info = info = reader.info
         self._closed = False
         self.frames_written = 0
+        self.side_packets_muxed = 0
+        self.side_packets_dropped = 0
         self._last_pts: int | None = None
         self._transcoding: set[int] = set()
         tb = info.time_base
@@ -617,6 +619,9 @@ class ClipWriter:
                 mapping[source.index] = (self._out.add_stream_from_template(source), "copy")
             elif source.type == "audio":
                 ctx = source.codec_context
+                if ctx is None:  # a damaged header names no codec we have (found by tests/test_fuzz.py)
+                    raise InvalidClip(f"{self._info.path}: audio stream {source.index} has no decoder ({name}); "
+                                      "it can be neither copied nor re-encoded")
                 out = self._out.add_stream("aac", rate=ctx.sample_rate or 48_000)
                 out.layout = ctx.layout.name if ctx.layout and ctx.layout.nb_channels else "mono"
                 mapping[source.index] = (out, "transcode")
@@ -673,22 +678,39 @@ class ClipWriter:
             items.popleft()
             out, kind = self._side_out[index]
             offset = self._side_offsets[index]
-            if kind == "copy":
-                item.stream = out
-                if item.pts is not None:
-                    item.pts -= offset
-                if item.dts is not None:
-                    item.dts -= offset
-                self._out.mux(item)
-            else:
-                # Only the first frame's pts counts: the AAC encoder's FIFO numbers the rest by sample
-                # count, so a jittery source clock cannot make it reject a frame.
-                if index in self._transcoding or item.pts is None:
-                    item.pts = None
+            try:
+                if kind == "copy":
+                    item.stream = out
+                    if item.pts is not None:
+                        item.pts -= offset
+                    if item.dts is not None:
+                        item.dts -= offset
+                    self._out.mux(item)
                 else:
-                    item.pts -= offset
-                    self._transcoding.add(index)
-                self._out.mux(out.encode(item))
+                    # Only the first frame's pts counts: the AAC encoder's FIFO numbers the rest by sample
+                    # count, so a jittery source clock cannot make it reject a frame.
+                    if index in self._transcoding or item.pts is None:
+                        item.pts = None
+                    else:
+                        item.pts -= offset
+                        self._transcoding.add(index)
+                    self._out.mux(out.encode(item))
+            except (av.error.ArgumentError, av.error.InvalidDataError) as rejected:
+                self._side_packet_rejected(index, at_s, rejected)
+            else:
+                self.side_packets_muxed += 1
+
+    def _side_packet_rejected(self, index: int, at_s: float, rejected: av.error.FFmpegError) -> None:
+        """A damaged audio/data packet the muxer refuses (bad timestamps, broken ADTS header) is dropped, as a
+        corrupt video packet is: a few ms of silence. More than max(5, 5 %) of them mean the stream itself
+        is broken and the clip needs a person. Before, one such packet failed the clip as an untyped error
+        on every retry (found by tests/test_fuzz.py on damaged MPEG-TS clips)."""
+        self.side_packets_dropped += 1
+        log.warning("side_packet_dropped", path=str(self._info.path), stream=index, at_s=round(at_s, 3),
+                    error=str(rejected))
+        if self.side_packets_dropped > max(MIN_BAD_ALLOWED, MAX_BAD_FRACTION * self.side_packets_muxed):
+            raise InvalidClip(f"{self._info.path}: more than {MIN_BAD_ALLOWED} audio/data packets rejected by "
+                              f"the MP4 muxer (stream {index} at {at_s:.2f} s: {rejected}); giving up on this clip")
 
     def close(self) -> None:
         """Flush the encoder, mux what remains of the side streams, write the trailer (moov)."""
@@ -728,7 +750,12 @@ class ClipWriter:
 
 
 def _raise_write_error(path: Path, failed: av.error.FFmpegError) -> NoReturn:
-    """Disk full, quota, I/O (and other OS-level failures) → TransientError; encoder bugs re-raised."""
+    """Disk full, quota, I/O (and other OS-level failures) → TransientError. The muxer refusing what came
+    from the source (stream parameters, timestamps: EINVAL, invalid data) → InvalidClip, since a retry fails
+    the same way (found by tests/test_fuzz.py on damaged clips). Anything else is re-raised."""
     if _is_transient(failed) or isinstance(failed, OSError):
         raise TransientError(f"{path}: write failed: {failed.strerror or failed}") from failed
+    if isinstance(failed, (av.error.ArgumentError, av.error.InvalidDataError)):
+        raise InvalidClip(f"the MP4 muxer refused this clip's streams or timestamps ({failed.strerror or failed})"
+                          ) from failed
     raise failed

@@ -192,6 +192,20 @@ class _RecordingHandler(FileSystemEventHandler):
                 pass
 
 
+def _is_utf8(path: Path) -> bool:
+    """False for names holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    """The name with non-UTF-8 bytes as \\xNN: a lone surrogate would break a UTF-8 console or log line."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def default_observer_factory(settings: Settings) -> Callable[[], BaseObserver]:
     """inotify by default; polling for network mounts where inotify sees no remote writes."""
     if settings.watch.polling:
@@ -242,6 +256,8 @@ class ClipWatcher:
         self._candidates: dict[Path, _Candidate] = {}
         # Clips reported invalid, with the (size, mtime_ns) reported: not reported again unless changed.
         self._rejected: dict[Path, tuple[int, int]] = {}
+        # Paths whose names are not UTF-8 (warned about once each; the queue cannot store them).
+        self._unnamable: set[Path] = set()
         self._observer: BaseObserver | None = None
         self._started = False
         self._next_rescan_at = 0.0
@@ -306,7 +322,7 @@ class ClipWatcher:
                 self._start_observer()
             self._ensure_watches(now)
             for root_index, path in self._drain():
-                self._consider(self._roots[root_index], Path(path), now, via="event")
+                self._consider_safely(self._roots[root_index], Path(path), now, via="event")
             if now >= self._next_rescan_at:
                 self._next_rescan_at = now + self._settings.rescan_interval_s
                 self._scan_all(now)
@@ -426,7 +442,7 @@ class ClipWatcher:
                     ):
                         stack.append(path)
                     continue
-                real = self._consider(root, path, now, via="scan")
+                real = self._consider_safely(root, path, now, via="scan")
                 if real is not None:
                     seen.add(real)
         log.debug("scan_done", path=str(root.path), files=len(seen),
@@ -449,6 +465,15 @@ class ClipWatcher:
                 return reason
         return self.rules.own_dir_reason(real)
 
+    def _consider_safely(self, root: _Root, path: Path, now: float, via: str) -> Path | None:
+        """_consider, but one odd file never costs the others their turn: an exception here used to end the
+        scan (or the start-up: the daemon could not start) and drop the rest of the drained events."""
+        try:
+            return self._consider(root, path, now, via)
+        except Exception:
+            log.exception("clip_consider_failed", clip=_printable(path))
+            return None
+
     def _consider(self, root: _Root, path: Path, now: float, via: str) -> Path | None:
         """Make ``path`` a candidate if it is a clip not yet known. Returns its resolved path when it
         exists and is a clip file (queued or not), else None."""
@@ -463,6 +488,14 @@ class ClipWatcher:
         if reason is not None:
             if via == "event" and reason != "not a clip pattern":
                 log.debug("clip_ignored", clip=str(path), reason=reason)
+            return None
+        if not _is_utf8(real) or not _is_utf8(path):
+            # Latin-1 names from old cameras and shares: SQLite stores text as UTF-8, so such a clip cannot
+            # be queued. Say so once (found by tests/test_bad_input.py: it crashed the start-up scan).
+            if real not in self._unnamable:
+                self._unnamable.add(real)
+                log.warning("clip_name_not_utf8", clip=_printable(path),
+                            action="skipped; rename it to have it processed")
             return None
         try:
             info = os.stat(real)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import sqlite3
 import subprocess
 import textwrap
@@ -216,3 +217,46 @@ def make_flat_clip(path: Path, width: int, height: int, frames: int, fps: int = 
 def video_frames(path: Path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """Damage a media file like bit rot, a bad copy or a hostile file would: 1-3 of bit flips, random byte
+    runs, "interesting" 32-bit values (box sizes, sample counts, offsets), truncation, a chunk duplicated,
+    deleted or inserted. Biased towards the first and last 4 KB, where the container headers live."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        n = len(buf)
+        if n < 16:
+            break
+
+        def offset() -> int:
+            region = rng.random()
+            if region < 0.35:
+                return rng.randrange(min(n, 4096))
+            if region < 0.7:
+                return rng.randrange(max(0, n - 4096), n)
+            return rng.randrange(n)
+
+        kind = rng.choice(["bits", "bytes", "int", "int", "truncate", "duplicate", "delete", "insert"])
+        at = offset()
+        if kind == "bits":
+            for _ in range(rng.randint(1, 16)):
+                buf[offset()] ^= 1 << rng.randrange(8)
+        elif kind == "bytes":
+            span = len(buf[at:at + rng.randint(1, 64)])
+            buf[at:at + span] = rng.randbytes(span)
+        elif kind == "int":
+            at = min(at & ~3, n - 4)
+            value = rng.choice([0, 1, 7, 8, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, n, n + 1, n // 2])
+            buf[at:at + 4] = value.to_bytes(4, "big")
+        elif kind == "truncate":
+            del buf[at:]
+        elif kind == "duplicate":
+            chunk = buf[at:at + rng.randint(1, 2048)]
+            where = rng.randrange(n)
+            buf[where:where] = chunk
+        elif kind == "delete":
+            del buf[at:at + rng.randint(1, 2048)]
+        else:
+            buf[at:at] = rng.randbytes(rng.randint(1, 256))
+    return bytes(buf)

@@ -135,7 +135,7 @@ def test_hung_detector_is_killed_by_the_heartbeat_and_the_clip_retried(tmp_path,
     # Unhealthy from half the heartbeat timeout of silence until a new worker runs (the kill comes at the
     # full timeout, then the restart back-off of 1 s). Pings come every 1 s (WATCHDOG_USEC=2 s) otherwise.
     lost_at = event_time(lost)
-    silent_from, silent_to = lost_at - heartbeat_s / 2 + 0.6, lost_at + 0.9
+    silent_from, silent_to = lost_at - heartbeat_s / 2 + 0.6, lost_at + 0.7
     pings = daemon.watchdog_times()
     assert [t for t in pings if t < silent_from], "pinged while healthy"
     assert not [t for t in pings if silent_from <= t <= silent_to], "no WATCHDOG=1 while the worker hangs"
@@ -201,6 +201,30 @@ def test_read_only_output_volume_and_missing_output_folder(tmp_path, weights):
             assert daemon.stop() == 0
         assert all_files(volume) == [Path("redacted/ro.mp4")]
         assert (volume / "redacted" / "ro.mp4").stat().st_mode & 0o777 == 0o644
+
+
+def test_full_state_volume_delays_queueing_but_loses_nothing(tmp_path, weights):
+    """The queue's volume is full: the new clip cannot be queued (the watcher retries, the daemon runs on),
+    nothing is published from an unrecorded job, and once space is back the clip is queued and done."""
+    config = _config(tmp_path, weights)
+    with tmpfs(tmp_path / "state", "1m") as state:
+        daemon = DaemonProcess(config, tmp_path / "daemon.log")
+        try:
+            daemon.wait_ready()
+            wait_for(lambda: daemon.events("worker_ready"), TIMEOUT_S, interval_s=0.05, what="worker ready")
+            ballast = fill(state, leave_bytes=0)
+            clip = drop(make_clip(tmp_path / "a.mp4", width=160, height=96), tmp_path / "import" / "a.mp4")
+            original = sha256(clip)
+            failed = wait_for(lambda: daemon.events("clip_enqueue_failed"), TIMEOUT_S, interval_s=0.05,
+                              what="enqueue refused")[0]
+            assert "full" in failed.get("exception", "")
+            assert daemon.process.poll() is None and not (tmp_path / "output" / "a.mp4").exists()
+            ballast.unlink()
+            wait_for(lambda: _done(daemon, "a.mp4"), TIMEOUT_S, interval_s=0.1, what="done once space is back")
+        finally:
+            assert daemon.stop() == 0
+        assert [(r["state"], r["attempts"]) for r in job_rows(state)] == [("done", 1)]
+    assert sha256(clip) == original
 
 
 # ------------------------------------------------------------------------------------------ source

@@ -1,0 +1,32 @@
+"""The load benchmark (bench/load.py) at CI size: 12 clips and 150 junk files dropped at once on the real
+daemon, stopped with SIGTERM halfway and restarted. run_load asserts that every clip is published exactly
+once, every junk file named like a clip is quarantined once and everything else is ignored."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import make_random_weights
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "load.py"
+
+
+def _bench_load():
+    spec = importlib.util.spec_from_file_location("bench_load", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_backlog_with_junk_survives_a_restart_and_is_processed_exactly_once(tmp_path):
+    load = _bench_load()
+    weights = make_random_weights(tmp_path / "random.pt")
+    report = load.run_load(tmp_path / "run", clips=12, junk=150, seconds=3.0, timeout_s=120.0, weights=weights)
+    print(report)
+    assert report["done_before_restart"] < 12, "the restart came while clips were still queued"
+    assert report["quarantined"] == 30 and report["ignored"] == 120
+    assert 0 < report["peak_rss_mb"]["main"] and 0 < report["peak_rss_mb"]["worker"]
