@@ -67,9 +67,6 @@ def worker_main(conn: Connection, settings: Settings) -> None:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: cancel.set())
     channel = _Channel(conn)
 
-    # onnxruntime (runtime = "auto" on CPUs) otherwise writes a telemetry device id and event store under
-    # ~/.cache and $TMPDIR at import: files outside our folders (found by tests/test_bad_input.py).
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from dashcamd.pipeline import load_detector  # imported here: torch loads only in the worker
 
     detector = load_detector(settings)

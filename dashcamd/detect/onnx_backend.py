@@ -66,6 +66,9 @@ def _export(model: YoloV5, input_hw: tuple[int, int], target: str | Path | io.By
 
 
 def _session(source: str | bytes, threads: int):
+    # Without this onnxruntime writes a telemetry device id and event store under ~/.cache and $TMPDIR
+    # at import: files outside the folders dashcamd was given (found by tests/test_bad_input.py).
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
