@@ -267,9 +267,20 @@ class Daemon:
             self.queue.mark_quarantined(job.id, str(escape))
             log.error("clip_quarantined", clip=job.path, job_id=job.id, error=str(escape))
             return
+        output = self._avoid_collision(output, source, job.path)
         worker.job, worker.job_output, worker.progress = job, output, (0, 0)
         log.info("clip_started", clip=job.path, job_id=job.id, attempt=job.attempts, output=str(output))
         self._send(worker, "job", job_id=job.id, source=source, output=output)
+
+    def _avoid_collision(self, output: Path, source: Path, source_key: str) -> Path:
+        """``a.mov`` and ``a.mp4`` side by side map to one output name; the second must not replace the
+        first (with ``originals = "delete"`` that would lose a clip), so it keeps its extension: ``a.mov.mp4``."""
+        owner = self.queue.output_owner(output)
+        if owner is None or owner == source_key:
+            return output
+        renamed = output.with_name(f"{output.stem}.{source.suffix.lstrip('.').lower()}{output.suffix}")
+        log.warning("output_name_taken", clip=source_key, taken_by=owner, output=str(renamed))
+        return renamed
 
     def _on_done(self, job: Job, report: dict[str, Any]) -> None:
         self.queue.mark_done(job.id, Path(report["output"]), report["frames"], report["seconds"])

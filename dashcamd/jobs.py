@@ -314,6 +314,14 @@ class JobQueue:
         ).fetchone()
         return row is not None
 
+    def output_owner(self, output: Path) -> str | None:
+        """The source path whose finished job last wrote ``output``, if any (name collisions)."""
+        row = self._db.execute(
+            "SELECT path FROM jobs WHERE output = ? AND state = 'done' ORDER BY finished_at DESC LIMIT 1",
+            (str(output),),
+        ).fetchone()
+        return row[0] if row else None
+
     def get(self, job_id: int) -> Job | None:
         return self._get(job_id)
 

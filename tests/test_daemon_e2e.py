@@ -86,8 +86,15 @@ def test_corrupt_clip_is_quarantined_and_the_next_still_processed(tmp_path, weig
         daemon.wait_ready()
         make_text_file_named_mp4(tmp_path / "import" / "broken.mp4")
         make_clip(tmp_path / "good.mp4", seconds=1.0)
+        make_clip(tmp_path / "good.mov", seconds=0.5)
         os.replace(tmp_path / "good.mp4", tmp_path / "import" / "good.mp4")
-        wait_for((tmp_path / "output" / "good.mp4").exists, PROCESS_TIMEOUT_S, interval_s=0.1, what="good output")
+        os.replace(tmp_path / "good.mov", tmp_path / "import" / "good.mov")
+        # Both map to good.mp4: the second one processed keeps its extension instead of replacing the first.
+        wait_for(lambda: len(daemon.events("clip_done")) == 2, PROCESS_TIMEOUT_S, interval_s=0.1,
+                 what="both good clips")
+        outputs = sorted(p.name for p in (tmp_path / "output").iterdir())
+        assert outputs in (["good.mov.mp4", "good.mp4"], ["good.mp4", "good.mp4.mp4"])
+        assert {_stream_summary(tmp_path / "output" / name)[0] for name in outputs} == {15, 30}
         wait_for((tmp_path / "quarantine" / "broken.mp4").exists, PROCESS_TIMEOUT_S, interval_s=0.1,
                  what="broken clip moved to quarantine")
         assert daemon.process.poll() is None

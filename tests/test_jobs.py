@@ -299,3 +299,12 @@ def test_status_from_another_process_while_the_daemon_writes(queue: JobQueue, db
     out, err = reader.communicate(timeout=60)
     assert reader.returncode == 0, err
     assert 1 <= int(out) <= written
+
+
+def test_output_owner_names_the_source_of_a_finished_output(tmp_path):
+    with JobQueue(tmp_path / "q.sqlite3") as queue:
+        job = queue.enqueue(tmp_path / "a.mov", tmp_path, 1, 1)
+        queue.claim_next()
+        assert queue.output_owner(tmp_path / "out" / "a.mp4") is None
+        queue.mark_done(job.id, tmp_path / "out" / "a.mp4", frames=1, seconds=0.1)
+        assert queue.output_owner(tmp_path / "out" / "a.mp4") == str(tmp_path / "a.mov")
