@@ -59,7 +59,7 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         Measurement("full", "full", f"process_clip, default settings (size {defaults['inference_size']}, "
                                     f"stride {defaults['detection_stride']}, batch {defaults['batch_size']}, "
                                     f"torch threads {defaults['threads_resolved']}, "
-                                    f"precision {defaults['precision']})"),
+                                    f"precision {defaults['precision']}, runtime {defaults['runtime']})"),
     ]
     for size in INFERENCE_SIZES:
         if size != defaults["inference_size"]:
@@ -87,6 +87,9 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
     elif defaults["precision"] != "bf16":
         out.append(Measurement("precision=bf16", "full", "CPU bf16 autocast, channels_last (default fp32)",
                                {"detector": {"precision": "bf16"}}))
+    if not cuda:
+        out.append(Measurement("runtime=torch", "full", "torch eager on the CPU instead of onnxruntime",
+                               {"detector": {"runtime": "torch"}}))
     return out
 
 
@@ -152,6 +155,7 @@ def run_child(spec: dict) -> dict:
         result["warmup_s"] = round(time.monotonic() - started, 3)
         result["device"] = str(detector.device)
         result["precision"] = getattr(detector, "precision", None)
+        result["runtime"] = getattr(detector, "runtime", None)
     elif spec["kind"] == "copy":
         from dashcamd.config import CLASS_NAMES
 
@@ -324,7 +328,7 @@ def default_detector_settings(config: Path | None, base_overrides: dict, work: P
     threads = detector.torch_threads or max(1, (os.cpu_count() or 2) - 1)  # as load_detector resolves it
     return {"inference_size": detector.inference_size, "detection_stride": detector.detection_stride,
             "batch_size": detector.batch_size, "threads_resolved": threads, "device": detector.device,
-            "precision": detector.precision, "weights": str(detector.weights)}
+            "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights)}
 
 
 def _cuda_expected(device_setting: str) -> bool:
