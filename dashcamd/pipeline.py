@@ -23,7 +23,8 @@ from dashcamd import publish
 from dashcamd.config import Settings
 from dashcamd.errors import InvalidClip, SourceChanged, TransientError
 from dashcamd.media import ClipReader, ClipWriter, DecodedFrame, probe
-from dashcamd.redact import RedactBox, Redactor
+from dashcamd.boxes import RedactBox
+from dashcamd.redact import Redactor
 from dashcamd.track import TemporalFilter
 
 QUEUE_TIMEOUT_S = 0.5

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from dashcamd.config import RedactSettings
-from dashcamd.track import RedactBox
+from dashcamd.boxes import RedactBox
 
 __all__ = ["RedactBox", "Redactor", "Region", "plan_region", "region_alpha", "region_mask"]
 

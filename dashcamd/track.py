@@ -10,10 +10,10 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from dashcamd.boxes import Detection, RedactBox, pairwise_iou
 from dashcamd.config import RedactSettings
 
 # Association gates, relative to the boxes: a centre may move at most one mean box diagonal away from
@@ -27,33 +27,6 @@ _VELOCITY_ALPHA = 0.5
 _SMOOTH_SIGMA_MAX_FRAMES = 3.0
 # Extrapolated boxes may grow (an object approaching) but never beyond this factor, nor shrink.
 _PAD_MAX_GROWTH = 2.0
-
-
-class DetectionLike(Protocol):
-    """What the detector emits: a box in frame pixels (xyxy), a class label and a confidence."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str
-    score: float
-
-
-class RedactBox(NamedTuple):
-    """One area to redact in one frame, in frame pixels (xyxy, already enlarged).
-
-    Coordinates may lie partly outside the frame (an enlarged face at the edge keeps its shape);
-    the redactor clips. ``source`` is "detected" | "tracked" | "memory" | "zone".
-    """
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str
-    score: float
-    source: str
 
 
 FrameBoxes = tuple[int, list[RedactBox]]
@@ -89,7 +62,7 @@ class _Track:
         return self.frames[-1]
 
 
-def _read_detection(detection: DetectionLike | Sequence) -> _Det:
+def _read_detection(detection: Detection | Sequence) -> _Det:
     """Accept the detector's NamedTuple or any object with the six fields (attributes or tuple order)."""
     if hasattr(detection, "x1"):
         x1, y1, x2, y2 = detection.x1, detection.y1, detection.x2, detection.y2
@@ -112,16 +85,6 @@ def _centre_size(box_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _from_centre_size(centre_xy: np.ndarray, size_wh: np.ndarray) -> np.ndarray:
     return np.concatenate([centre_xy - size_wh / 2.0, centre_xy + size_wh / 2.0])
-
-
-def _pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
-    """IoU matrix (N, M) of boxes a (N, 4) and b (M, 4), xyxy."""
-    lo = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
-    hi = np.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=2)
-    area_a = np.prod(a_xyxy[:, 2:] - a_xyxy[:, :2], axis=1)
-    area_b = np.prod(b_xyxy[:, 2:] - b_xyxy[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def _union(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
@@ -192,7 +155,7 @@ class TemporalFilter:
     # -- input ---------------------------------------------------------------------------------
 
     def push(
-        self, frame_index: int, detections: Sequence[DetectionLike] | None
+        self, frame_index: int, detections: Sequence[Detection] | None
     ) -> list[FrameBoxes]:
         """Add one frame's detections (None = detector not run on it); return frames now final, in order.
 
@@ -241,7 +204,7 @@ class TemporalFilter:
                 det_area = np.maximum(np.prod(det_size, axis=1), 1.0)
                 area_ratio = det_area[None, :] / pred_area[:, None]
                 size_ratio = np.sqrt(np.maximum(area_ratio, 1.0 / area_ratio))
-                cost = 1.0 - _pairwise_iou(predicted, observed) + distance
+                cost = 1.0 - pairwise_iou(predicted, observed) + distance
                 gated = (distance <= _CENTRE_GATE) & (size_ratio <= _SIZE_RATIO_GATE)
                 pairs = [(float(cost[ti, di]), int(ti), int(di)) for ti, di in zip(*np.nonzero(gated))]
             used_tracks: set[int] = set()

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 from dashcamd.config import PrivacyZone, RedactSettings
+from dashcamd.boxes import Detection
 from dashcamd.track import RedactBox, TemporalFilter
 
 FRAME_SIZE = (640, 360)
-
-
-class Det(NamedTuple):
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str
-    score: float
 
 
 def make_settings(**overrides) -> RedactSettings:
@@ -42,7 +33,7 @@ def run(temporal: TemporalFilter, detections_by_frame: dict, n_frames: int) -> d
 def moving_box(frame_index: int, x0=100.0, y0=100.0, vx=10.0, vy=0.0, w=40.0, h=20.0, label="plate"):
     x = x0 + vx * frame_index
     y = y0 + vy * frame_index
-    return Det(x, y, x + w, y + h, label, 0.9)
+    return Detection(x, y, x + w, y + h, label, 0.9)
 
 
 def xyxy(box) -> np.ndarray:
@@ -59,7 +50,7 @@ def covers(outer, inner, tol=1e-6) -> bool:
 
 
 def test_isolated_single_detection_is_output():
-    det = Det(10, 20, 30, 40, "face", 0.31)
+    det = Detection(10, 20, 30, 40, "face", 0.31)
     boxes = run(TemporalFilter(make_settings(), FRAME_SIZE), {5: [det]}, 10)
     assert boxes[5] == [RedactBox(10, 20, 30, 40, "face", 0.31, "detected")]
     assert all(boxes[f] == [] for f in range(10) if f != 5)
@@ -83,7 +74,7 @@ def test_no_fill_beyond_max_gap():
 
 
 def test_pad_extends_both_ends_and_stops_at_clip_start():
-    still = Det(50, 50, 90, 70, "plate", 0.8)
+    still = Detection(50, 50, 90, 70, "plate", 0.8)
     boxes = run(TemporalFilter(make_settings(pad=3), FRAME_SIZE), {f: [still] for f in range(10, 21)}, 30)
     covered = [f for f in range(30) if boxes[f]]
     assert covered == list(range(7, 24))
@@ -116,7 +107,7 @@ def test_smoothing_never_shrinks_the_raw_box():
     raw = {}
     for f in range(40):
         x1, y1, x2, y2 = xyxy(moving_box(f, vx=3.0, w=60, h=30)) + rng.uniform(-6, 6, size=4)
-        raw[f] = [Det(x1, y1, x2, y2, "plate", 0.7)]
+        raw[f] = [Detection(x1, y1, x2, y2, "plate", 0.7)]
     boxes = run(TemporalFilter(make_settings(smoothing=1.0, max_gap=3), FRAME_SIZE), raw, 40)
     changed = 0
     for f in range(40):
@@ -147,13 +138,13 @@ def test_crossing_objects_keep_identities():
 
 
 def test_classes_are_never_linked():
-    dets = {0: [Det(10, 10, 50, 30, "plate", 0.9)], 3: [Det(10, 10, 50, 30, "face", 0.9)]}
+    dets = {0: [Detection(10, 10, 50, 30, "plate", 0.9)], 3: [Detection(10, 10, 50, 30, "face", 0.9)]}
     boxes = run(TemporalFilter(make_settings(max_gap=5), FRAME_SIZE), dets, 5)
     assert boxes[1] == [] and boxes[2] == []
 
 
 def test_frame_memory_repeats_recent_detections():
-    det = Det(10, 20, 30, 40, "plate", 0.5)
+    det = Detection(10, 20, 30, 40, "plate", 0.5)
     for track in (False, True):
         boxes = run(TemporalFilter(make_settings(frame_memory=2, track=track), FRAME_SIZE), {5: [det]}, 10)
         assert [b.source for b in boxes[5]] == ["detected"]
@@ -244,8 +235,8 @@ def test_enlarge_zones_and_off_frame_boxes():
     zone = PrivacyZone(x1=0.5, y1=0.0, x2=1.0, y2=0.25)
     settings = make_settings(enlarge={"plate": 1.5}, zones=[zone])
     dets = {
-        0: [Det(100, 100, 140, 120, "plate", 0.9), Det(-90, 10, -40, 30, "plate", 0.9)],  # 2nd: off-frame
-        1: [Det(0, 0, 2000, 9, "face", 1.0)],
+        0: [Detection(100, 100, 140, 120, "plate", 0.9), Detection(-90, 10, -40, 30, "plate", 0.9)],  # 2nd: off-frame
+        1: [Detection(0, 0, 2000, 9, "face", 1.0)],
     }
     boxes = run(TemporalFilter(settings, FRAME_SIZE), dets, 3)
     zone_box = RedactBox(320.0, 0.0, 640.0, 90.0, "zone", 1.0, "zone")
@@ -259,7 +250,7 @@ def test_accepts_plain_tuples_and_rejects_non_finite():
     assert boxes[0] == [RedactBox(10, 20, 30, 40, "plate", 0.4, "detected")]  # corners reordered
     temporal = TemporalFilter(make_settings(), FRAME_SIZE)
     with pytest.raises(ValueError):
-        temporal.push(0, [Det(float("nan"), 0, 10, 10, "plate", 0.5)])
+        temporal.push(0, [Detection(float("nan"), 0, 10, 10, "plate", 0.5)])
     temporal = TemporalFilter(make_settings(), FRAME_SIZE)
     temporal.push(3, [])
     with pytest.raises(ValueError):

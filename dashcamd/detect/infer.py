@@ -10,13 +10,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import structlog
 import torch
 import torch.nn.functional as F
 
+from dashcamd.boxes import Detection
 from dashcamd.detect.checkpoint import load_model
 from dashcamd.detect.errors import DetectorError
 
@@ -27,17 +27,6 @@ PAD_VALUE = 114 / 255  # YOLOv5's letterbox grey, the value the detector was tra
 STRIDE_PX = 32  # largest model stride: input sides must be multiples of it
 MAX_NMS_CANDIDATES = 3000  # highest-scoring (box, class) pairs kept for NMS, bounds its O(n^2) memory
 MAX_DETECTIONS = 300  # per frame
-
-
-class Detection(NamedTuple):
-    """One detected object, frame pixels, clipped to the frame."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str
-    score: float
 
 
 @dataclass(frozen=True)

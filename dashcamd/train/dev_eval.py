@@ -8,17 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dashcamd.boxes import pairwise_iou
+
 from .dataset import CLASS_NAMES, Sample, letterbox, read_rgb
-
-
-def box_iou_np(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
-    """IoU matrix (N, M) of xyxy boxes (N, 4) and (M, 4)."""
-    lt = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
-    rb = np.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a_xyxy[:, 2:] - a_xyxy[:, :2], axis=1)
-    area_b = np.prod(b_xyxy[:, 2:] - b_xyxy[:, :2], axis=1)
-    return inter / (area_a[:, None] + area_b[None] - inter + 1e-9)
 
 
 def average_precision(scores: np.ndarray, is_tp: np.ndarray, num_gt: int) -> float:
@@ -42,7 +34,7 @@ def match_detections(dets: np.ndarray, gt_boxes: np.ndarray, iou_thresh: float =
     is_tp = np.zeros(len(dets), bool)
     if len(dets) == 0 or len(gt_boxes) == 0:
         return is_tp
-    iou = box_iou_np(dets[:, :4], gt_boxes)
+    iou = pairwise_iou(dets[:, :4], gt_boxes)
     used = np.zeros(len(gt_boxes), bool)
     for i in np.argsort(-dets[:, 4]):
         cand = np.where(~used & (iou[i] >= iou_thresh))[0]

@@ -71,7 +71,7 @@ def assign_targets(targets: torch.Tensor, anchors_grid: torch.Tensor, grid_hw: t
     closer to, since the prediction's xy offset reaches -0.5..1.5 cells.
     """
     ny, nx = grid_hw
-    na, dev = anchors_grid.shape[0], targets.device
+    dev = targets.device
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     if targets.shape[0] == 0:
         return Assignment(empty, empty, empty, empty, torch.zeros((0, 4), device=dev),

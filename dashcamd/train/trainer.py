@@ -32,14 +32,14 @@ class TrainConfig:
     run_dir: str
     model_size: str = "n"
     epochs: int = 30
-    batch_size: int = 16
-    crop_px: int = 384
+    batch_size: int = 8
+    crop_px: int = 320
     optimizer: str = "adamw"
     lr: float = 0.002
     final_lr_factor: float = 0.05
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 2
     eval_size_px: int = 640
     save_every_min: float = 10.0
     workers: int = 0
@@ -58,8 +58,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """A per-epoch permutation from (seed, epoch), starting at `skip`: mid-epoch resume replays
-    exactly the batches not yet seen."""
+    """A per-epoch permutation from (seed, epoch), starting at sample `skip`: a mid-epoch resume
+    replays exactly the samples not yet seen."""
 
     def __init__(self, n: int, seed: int, epoch: int, skip: int):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -73,7 +73,8 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sample], resume: bool) -> dict:
-    """Train (or continue) the run in cfg.run_dir. Returns the last dev metrics (may be empty).
+    """Train (or continue) the run in cfg.run_dir. Returns the dev metrics of the last epoch run
+    (empty when stopped by max_steps).
 
     On resume the epoch count of `cfg` wins, so passing a larger --epochs extends a finished run;
     the cosine schedule is recomputed over the new total from the saved epoch progress.
@@ -109,7 +110,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
                       "state": state, **extra}, path)
 
     last_save = time.monotonic()
-    metrics: dict = {}  # dev metrics of the latest epoch that was evaluated
+    metrics: dict = {}
     while state["epoch"] < cfg.epochs:
         epoch, skip = state["epoch"], state["samples_in_epoch"]
         dataset.epoch = epoch
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
             loss, parts = loss_fn(model(images), targets, cfg.crop_px)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # one bad batch must not wreck a CPU-week
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # a rare huge gradient must not undo hours of CPU
             optimizer.step()
             ema.update(model)
             state["step"] += 1

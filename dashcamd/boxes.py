@@ -1,0 +1,44 @@
+"""Box types shared by the detector, the tracker and the redactor; numpy only, so no module needs torch."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Detection(NamedTuple):
+    """One detected object, frame pixels (xyxy), clipped to the frame."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+
+
+class RedactBox(NamedTuple):
+    """One area to redact in one frame, in frame pixels (xyxy, already enlarged).
+
+    Coordinates may lie partly outside the frame (an enlarged face at the edge keeps its shape);
+    the redactor clips. ``source`` is "detected" | "tracked" | "memory" | "zone".
+    """
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+    source: str
+
+
+def pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
+    """IoU matrix (N, M) of boxes a (N, 4) and b (M, 4), xyxy; empty boxes have IoU 0."""
+    lo = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
+    hi = np.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=2)
+    area_a = np.prod(np.clip(a_xyxy[:, 2:] - a_xyxy[:, :2], 0.0, None), axis=1)
+    area_b = np.prod(np.clip(b_xyxy[:, 2:] - b_xyxy[:, :2], 0.0, None), axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
