@@ -66,3 +66,12 @@ def test_two_steps_checkpoint_resume_and_export(tmp_path):
     raw = torch.load(shipped, weights_only=True)
     assert raw["state_dict"]["model.0.conv.weight"].dtype == torch.float16
     assert raw["meta"]["epochs_done"] >= 1
+
+    # A new run initialised from the exported weights starts from them, not from random init.
+    second = tmp_path / "run2"
+    init_common = [*common[:2], str(second), *common[3:]]
+    assert main([*init_common, "--init", str(shipped), "--max-steps", "1"]) == 0
+    started = torch.load(second / "last.pt", weights_only=False)
+    assert started["state"]["step"] == 1 and started["ema_updates"] == 10_001
+    assert torch.allclose(started["ema"]["model.0.conv.weight"].half().float(),
+                          raw["state_dict"]["model.0.conv.weight"].float(), atol=1e-2)

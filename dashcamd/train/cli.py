@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train (or --resume / extend) a run")
     fit.add_argument("--run-dir", type=Path, required=True, help="where last.pt / best.pt go")
     fit.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if present")
+    fit.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
+                     help="start from these dashcamd weights (e.g. weights/dashcamd-n-v1.pt) when not resuming")
     fit.add_argument("--plates-dir", type=Path, default=DEFAULT_DATA / "plates_openimages")
     fit.add_argument("--faces-dir", type=Path, default=DEFAULT_DATA / "faces_unlabelled")
     fit.add_argument("--labels-dir", type=Path, default=DEFAULT_LABELS,
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                       lr=args.lr, final_lr_factor=args.final_lr_factor, warmup_epochs=args.warmup_epochs,
                       eval_every_epochs=args.eval_every_epochs, eval_size_px=args.eval_size_px,
                       save_every_min=args.save_every_min, workers=args.workers, threads=args.threads,
-                      seed=args.seed, max_steps=args.max_steps, augment=args.augment)
+                      seed=args.seed, max_steps=args.max_steps, augment=args.augment,
+                      init_weights=str(args.init) if args.init else "")
     metrics = train(cfg, train_s, dev_s, resume=args.resume)
     print(json.dumps(metrics))
     return 0

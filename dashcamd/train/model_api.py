@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dashcamd.detect.arch import yolov5_arch
-from dashcamd.detect.checkpoint import save_checkpoint
+from dashcamd.detect.checkpoint import load_checkpoint, save_checkpoint
 from dashcamd.detect.infer import postprocess
 from dashcamd.detect.model import build_model, initialize_biases
 
@@ -24,6 +24,14 @@ def build(size: str) -> nn.Module:
     model = build_model(yolov5_arch(size, nc=len(CLASS_NAMES)), CLASS_NAMES)
     initialize_biases(model)
     return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Copy a dashcamd checkpoint's tensors into ``model`` (same size and classes, else an error)."""
+    trained, _meta = load_checkpoint(path)
+    if list(trained.names) != list(CLASS_NAMES):
+        raise ValueError(f"{path}: classes {trained.names}, expected {list(CLASS_NAMES)}")
+    model.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
 
 
 def head_geometry(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,8 @@ from .loss import YoloV5Loss
 from .optim import ModelEMA, lr_factor, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
+# EMA decay ramps up with its update count; weights that are already trained need no ramp.
+EMA_UPDATES_WHEN_INITIALISED = 10_000
 
 
 @dataclass
@@ -46,6 +48,9 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     max_steps: int = 0  # stop after this many optimiser steps (smoke tests); 0 = no limit
+    # Start a new run from these dashcamd weights (e.g. the shipped ones) instead of random init: the way
+    # to continue on a machine where the git-ignored run folder is gone. Optimiser state starts fresh.
+    init_weights: str = ""
     augment: dict = field(default_factory=dict)
 
 
@@ -101,6 +106,11 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         state = ckpt["state"]
         log.info("resumed %s at epoch %d sample %d step %d", last_path, state["epoch"],
                  state["samples_in_epoch"], state["step"])
+    elif cfg.init_weights:
+        model_api.load_weights(model, Path(cfg.init_weights))
+        ema = ModelEMA(model)
+        ema.updates = EMA_UPDATES_WHEN_INITIALISED
+        log.info("initialised from %s", cfg.init_weights)
 
     dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
 
