@@ -256,8 +256,7 @@ class Daemon:
             self._retry(job, f"source unavailable: {gone.strerror}")
             return
         if (stat.st_size, stat.st_mtime_ns) != (job.size, job.mtime_ns):
-            self.queue.mark_retry(job.id, "source changed since it was queued", 0.0, max_attempts=0)
-            log.info("clip_changed", clip=job.path, job_id=job.id)
+            self._supersede(job, "source changed since it was queued")
             return
         try:
             output = publish.output_path_for(
@@ -308,10 +307,14 @@ class Daemon:
             self.queue.requeue(job.id)
             log.info("job_requeued", clip=job.path, job_id=job.id)
         elif kind == "source_changed":
-            self.queue.mark_retry(job.id, error, 0.0, max_attempts=0)
-            log.info("clip_changed", clip=job.path, job_id=job.id, error=error)
+            self._supersede(job, error)
         else:
             self._retry(job, error)
+
+    def _supersede(self, job: Job, error: str) -> None:
+        """The file changed under this job: end it as failed; the watcher queues the new version as a new job."""
+        self.queue.mark_retry(job.id, error, 0.0, max_attempts=0)
+        log.info("clip_changed", clip=job.path, job_id=job.id, error=error)
 
     def _retry(self, job: Job, error: str) -> None:
         state = self.queue.mark_retry(
