@@ -111,12 +111,13 @@ def _detection_key(settings: Settings) -> str:
     d = settings.detector
     digest = hashlib.sha256(Path(d.weights).read_bytes()).hexdigest()[:16]
     return json.dumps({"weights": digest, "size": d.inference_size, "thresholds": d.thresholds,
-                       "iou": d.iou_threshold, "device": d.device, "precision": d.precision}, sort_keys=True)
+                       "iou": d.iou_threshold, "device": d.device, "precision": d.precision,
+                       "resize": "decoder-area"}, sort_keys=True)
 
 
 def detect_clips(clips: list[Clip], settings: Settings) -> dict:
     """Fill ``clip.detections`` (detector run on every decoded frame, once); cached beside each clip."""
-    from dashcamd.media import ClipReader
+    from dashcamd.media import ClipReader, probe
     from dashcamd.pipeline import load_detector
 
     key = _detection_key(settings)
@@ -134,14 +135,17 @@ def detect_clips(clips: list[Clip], settings: Settings) -> dict:
         started = time.monotonic()
         per_frame: list[list[list]] = []
         batch: list[np.ndarray] = []
-        with ClipReader(clip.path) as reader:
+        # Frames reach the detector as in the pipeline: shrunk by the decoder's scaler.
+        info = probe(clip.path)
+        source_hw = (info.height, info.width)
+        with ClipReader(clip.path, info=info, detector_size=detector.resized_size(*source_hw)) as reader:
             for frame in reader.frames():
-                batch.append(frame.rgb)
+                batch.append(frame.detector_rgb)
                 if len(batch) == settings.detector.batch_size:
-                    per_frame.extend(_as_lists(detector.detect(batch)))
+                    per_frame.extend(_as_lists(detector.detect(batch, source_hw=source_hw)))
                     batch = []
         if batch:
-            per_frame.extend(_as_lists(detector.detect(batch)))
+            per_frame.extend(_as_lists(detector.detect(batch, source_hw=source_hw)))
         if len(per_frame) != len(clip.truth):
             raise RuntimeError(f"{clip.path}: decoded {len(per_frame)} frames, ground truth has {len(clip.truth)}")
         elapsed = time.monotonic() - started

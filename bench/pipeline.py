@@ -115,7 +115,10 @@ class _NullDetector:
         self.names = list(names)
         self.device = "none"
 
-    def detect(self, frames_rgb: Sequence) -> list[list]:
+    def resized_size(self, frame_h: int, frame_w: int) -> None:
+        return None  # no shrunk copy for the detector: the copy limit is decode + encode alone
+
+    def detect(self, frames_rgb: Sequence, source_hw=None) -> list[list]:
         return [[] for _ in frames_rgb]
 
 

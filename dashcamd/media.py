@@ -96,12 +96,15 @@ class DecodedFrame:
 
     ``index`` counts decoded frames from 0 (skipped corrupt frames leave no gap); ``pts`` is in
     ``time_base`` (the source's video time base), or None if the container gave none.
+    ``detector_rgb`` is the same picture already shrunk to the detector's input size, when the reader
+    was asked for it (see ``ClipReader``).
     """
 
     index: int
     pts: int | None
     time_base: Fraction
     rgb: np.ndarray
+    detector_rgb: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------- probe
@@ -341,9 +344,15 @@ class ClipReader:
 
     Side streams (audio, and subtitles/data that MP4 can carry) are demuxed here and handed to the
     ClipWriter through a bounded-by-look-ahead channel; construct the writer before iterating.
+
+    ``detector_size`` = (height, width): each frame also comes shrunk to that size, made by swscale
+    straight from the decoded YUV with area averaging. That costs about as much as the full-size RGB
+    conversion (~1.5 ms at 1080p), where resizing the RGB frame afterwards in torch cost ~35 ms a frame
+    on one CPU core (bench/README.md).
     """
 
-    def __init__(self, path: Path | str, *, decode_threads: int = 0, info: ClipInfo | None = None) -> None:
+    def __init__(self, path: Path | str, *, decode_threads: int = 0, info: ClipInfo | None = None,
+                 detector_size: tuple[int, int] | None = None) -> None:
         self.path = Path(path)
         self.info = info if info is not None else probe(self.path)
         self._container = _open_input(self.path, self.info.size_bytes)
@@ -351,6 +360,8 @@ class ClipReader:
         self._video.codec_context.thread_type = "AUTO"  # frame + slice threads: ~1.5x the default
         self._video.codec_context.thread_count = decode_threads
         self._reformatter = VideoReformatter()
+        self._detector_size = detector_size
+        self._detector_reformatter = VideoReformatter()  # its own cached swscale context
         self._channel: _SideChannel | None = None
         self._started = False
         self._closed = False
@@ -465,15 +476,18 @@ class ClipReader:
     def _to_decoded(self, frame: av.VideoFrame) -> DecodedFrame:
         if frame.is_corrupt:
             self.frames_concealed += 1
-        rgb_frame = self._reformatter.reformat(
-            frame,
-            format="rgb24",
-            src_colorspace=_SWS_MATRIX[self.info.color_matrix],
-            src_color_range="JPEG" if self.info.color_range == "pc" else "MPEG",
-            dst_color_range="JPEG",
-        )
+        colours = {"src_colorspace": _SWS_MATRIX[self.info.color_matrix],
+                   "src_color_range": "JPEG" if self.info.color_range == "pc" else "MPEG",
+                   "dst_color_range": "JPEG"}
+        rgb_frame = self._reformatter.reformat(frame, format="rgb24", **colours)
         rgb = np.ascontiguousarray(rgb_frame.to_ndarray())  # odd widths come back with padded rows
-        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, rgb)
+        detector_rgb = None
+        if self._detector_size is not None:
+            height, width = self._detector_size
+            small = self._detector_reformatter.reformat(frame, format="rgb24", width=width, height=height,
+                                                        interpolation="AREA", **colours)
+            detector_rgb = np.ascontiguousarray(small.to_ndarray())
+        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, rgb, detector_rgb)
         self.frames_decoded += 1
         return decoded
 

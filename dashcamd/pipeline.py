@@ -98,11 +98,14 @@ def process_clip(
     temp_boxes = publish.temp_path_for(boxes_path) if boxes_path else None
     try:
         try:
-            with ClipReader(source, info=info) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
+            # The decoder shrinks frames for the detector (see ClipReader); a detector that answers
+            # None (test doubles, the benchmark's copy limit) gets the full frames.
+            detector_size = detector.resized_size(info.height, info.width)
+            with ClipReader(source, info=info, detector_size=detector_size) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
                 boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
                 try:
                     counts, frames, redacted = _run_stages(
-                        reader, writer, settings, detector, info.frame_count, on_progress, boxes_file
+                        reader, writer, settings, detector, detector_size is not None, on_progress, boxes_file
                     )
                 finally:
                     if boxes_file is not None:
@@ -149,14 +152,19 @@ def _run_stages(
     writer: ClipWriter,
     settings: Settings,
     detector,
-    frames_total: int,
+    pre_shrunk: bool,
     on_progress: ProgressCallback | None,
     boxes_file: TextIO | None,
 ) -> tuple[dict[str, int], int, int]:
-    """Returns (detections per class, frames written, frames with at least one redacted region)."""
+    """Returns (detections per class, frames written, frames with at least one redacted region).
+
+    ``pre_shrunk``: the reader makes ``detector_rgb`` frames; detect on those instead of the full ones.
+    """
     info = reader.info
+    frames_total = info.frame_count
     temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride)
     batch_size = settings.detector.batch_size
+    source_hw = (info.height, info.width) if pre_shrunk else None
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     redact_queue: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     failure: list[BaseException] = []
@@ -179,7 +187,9 @@ def _run_stages(
     try:
         for batch in _batches(decoded, batch_size, stop, failure):
             to_detect = [f for f in batch if f.index % settings.detector.detection_stride == 0]
-            detections = dict(zip((f.index for f in to_detect), detector.detect([f.rgb for f in to_detect])))
+            pictures = [f.detector_rgb if pre_shrunk else f.rgb for f in to_detect]
+            found_per_frame = detector.detect(pictures, source_hw=source_hw)
+            detections = dict(zip((f.index for f in to_detect), found_per_frame))
             for frame in batch:
                 window[frame.index] = frame
                 found = detections.get(frame.index)

@@ -44,12 +44,12 @@ _SITECUSTOMIZE = textwrap.dedent('''
     def _patch(module):
         original = module.Detector.detect
 
-        def detect(self, frames_rgb):
+        def detect(self, frames_rgb, source_hw=None):
             if (_GATE / "closed").exists():
                 (_GATE / f"entered-{os.getpid()}-{time.monotonic_ns()}").touch()
                 while (_GATE / "closed").exists():
                     time.sleep(0.02)
-            return original(self, frames_rgb)
+            return original(self, frames_rgb, source_hw)
 
         module.Detector.detect = detect
 

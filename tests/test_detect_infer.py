@@ -152,6 +152,19 @@ def test_detector_end_to_end_on_a_known_output(grid_weights: Path) -> None:
     assert detector.detect([]) == []
 
 
+def test_detector_on_frames_already_shrunk_reports_boxes_in_source_pixels(grid_weights: Path) -> None:
+    detector = Detector(grid_weights, device="cpu", thresholds={"face": 0.5}, inference_size=96, batch_size=2)
+    source_hw = (200, 384)
+    assert detector.resized_size(*source_hw) == (50, 96)
+    shrunk = [np.full((50, 96, 3), 90, np.uint8)] * 3
+    results = detector.detect(shrunk, source_hw=source_hw)
+    expected = _expected_grid_detections(*source_hw, 96)
+    assert len(results) == 3
+    assert all(np.allclose(_as_sorted_boxes(found), expected, atol=1e-3) for found in results)
+    with pytest.raises(ValueError, match="shrunk"):
+        detector.detect([np.zeros((200, 384, 3), np.uint8)], source_hw=source_hw)
+
+
 def test_detector_thresholds(grid_weights: Path) -> None:
     frame = np.zeros((64, 64, 3), np.uint8)
     strict = Detector(grid_weights, device="cpu", thresholds={"face": 0.99995}, inference_size=64)

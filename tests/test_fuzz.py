@@ -36,7 +36,10 @@ class _NullDetector:
 
     names = ["plate", "face"]
 
-    def detect(self, frames_rgb):
+    def resized_size(self, frame_h, frame_w):
+        return None
+
+    def detect(self, frames_rgb, source_hw=None):
         return [[] for _ in frames_rgb]
 
 

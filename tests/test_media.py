@@ -207,6 +207,20 @@ def test_colours_survive_decode_and_encode(tmp_path: Path, size: tuple[int, int]
         assert np.abs(patch - color).max() < 8, (color, patch)
 
 
+def test_reader_also_gives_frames_shrunk_for_the_detector(tmp_path: Path) -> None:
+    source = make_clip(tmp_path / "bars.mp4", width=640, height=360, seconds=0.2, pattern="bars", audio_streams=0)
+    with ClipReader(source, detector_size=(90, 160)) as reader:
+        frames = list(reader.frames())
+    with ClipReader(source) as reader:
+        assert all(f.detector_rgb is None for f in reader.frames())
+    for frame in frames:
+        assert frame.rgb.shape == (360, 640, 3) and frame.detector_rgb.shape == (90, 160, 3)
+        # Area averaging of the same picture: the full frame shrunk by 4x4 blocks, up to rounding and
+        # the bar edges (each bar is 640/7 px wide, not a multiple of 4).
+        blocks = frame.rgb.reshape(90, 4, 160, 4, 3).astype(float).mean(axis=(1, 3))
+        assert np.median(np.abs(blocks - frame.detector_rgb)) <= 1.0
+
+
 # ------------------------------------------------------------------------------------------ corruption
 
 

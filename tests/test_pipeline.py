@@ -25,7 +25,10 @@ class KnownBoxDetector:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def detect(self, frames_rgb):
+    def resized_size(self, frame_h, frame_w):
+        return None  # full frames, so BOX is in their pixels
+
+    def detect(self, frames_rgb, source_hw=None):
         self.batches.append(len(frames_rgb))
         return [[Detection(*BOX, "plate", 0.9)] for _ in frames_rgb]
 
@@ -65,6 +68,29 @@ def test_known_box_is_blurred_and_the_rest_untouched(tmp_path):
         outside[y1 - margin:y2 + margin, x1 - margin:x2 + margin] = False
         # Outside the region only encoder noise differs.
         assert np.abs(before[outside].astype(float) - after[outside].astype(float)).mean() < 4.0
+
+
+class ShrunkFramesDetector(KnownBoxDetector):
+    """Asks the decoder for frames shrunk 4x, as the real Detector does, and reports BOX in source pixels."""
+
+    def resized_size(self, frame_h, frame_w):
+        return frame_h // 4, frame_w // 4
+
+    def detect(self, frames_rgb, source_hw=None):
+        assert source_hw == (240, 320) and all(f.shape == (60, 80, 3) for f in frames_rgb)
+        return super().detect(frames_rgb)
+
+
+def test_detector_gets_the_decoders_shrunk_frames_and_the_boxes_land_on_the_full_frames(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=0.5)
+    detector = ShrunkFramesDetector()
+    output = tmp_path / "out" / "in.mp4"
+    process_clip(clip, output, _settings(tmp_path), detector)
+    x1, y1, x2, y2 = (int(v) for v in BOX)
+    for before, after in zip(_frames(clip), _frames(output)):
+        detail_before = np.abs(np.diff(before[y1:y2, x1:x2, 2].astype(float), axis=0)).mean()
+        detail_after = np.abs(np.diff(after[y1:y2, x1:x2, 2].astype(float), axis=0)).mean()
+        assert detail_after < 0.2 * detail_before
 
 
 def test_detection_stride_runs_the_detector_on_every_kth_frame(tmp_path):

@@ -80,12 +80,13 @@ def letterbox(frames_rgb: torch.Tensor, geometry: LetterboxGeometry, dtype: torc
               channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, H, W, 3) RGB frames, on any device -> ``dtype`` (B, 3, input_h, input_w) in [0, 1].
 
-    Bilinear resize, antialiased when shrinking (so small faces and plate glyphs do not alias away).
+    Frames at the geometry's frame size get a bilinear resize, antialiased when shrinking (so small
+    faces and plate glyphs do not alias away); frames already at its resized size are only padded.
     """
     x = frames_rgb.permute(0, 3, 1, 2).float().div_(255)
     size = (geometry.resized_h, geometry.resized_w)
-    if size != (geometry.frame_h, geometry.frame_w):
-        shrinking = geometry.resized_h < geometry.frame_h
+    if size != tuple(x.shape[2:]):
+        shrinking = geometry.resized_h < x.shape[2]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking).clamp_(0, 1)
     out = x.new_full((x.shape[0], 3, geometry.input_h, geometry.input_w), PAD_VALUE)
     out[:, :, geometry.pad_top:geometry.pad_top + size[0], geometry.pad_left:geometry.pad_left + size[1]] = x
@@ -277,12 +278,26 @@ class Detector:
         log.info("detector_loaded", weights=str(weights), names=self.names, inference_size=inference_size,
                  precision=self.precision, runtime=self.runtime)
 
-    def detect(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Detection]]:
-        """Detections per frame, in input order. Frames: uint8 (H, W, 3) RGB, any count, any mix of sizes
-        (frames of one size are batched together, ``batch_size`` at a time)."""
+    def resized_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
+        """(height, width) a frame of this size is shrunk to inside the letterbox: the size to hand
+        ``detect`` pre-shrunk frames at (``source_hw``), e.g. from the video decoder's scaler."""
+        geometry = letterbox_geometry(frame_h, frame_w, self.inference_size, self._input_hw)
+        return geometry.resized_h, geometry.resized_w
+
+    def detect(self, frames_rgb: Sequence[np.ndarray],
+               source_hw: tuple[int, int] | None = None) -> list[list[Detection]]:
+        """Detections per frame, in input order, in frame pixels. Frames: uint8 (H, W, 3) RGB, any count,
+        any mix of sizes (frames of one size are batched together, ``batch_size`` at a time).
+
+        ``source_hw``: the frames were already shrunk to ``resized_size(*source_hw)``; boxes come back in
+        pixels of the (height, width) = ``source_hw`` original.
+        """
+        expected = self.resized_size(*source_hw) if source_hw is not None else None
         for frame in frames_rgb:
             if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"expected uint8 (H, W, 3) RGB frames, got {frame.dtype} {frame.shape}")
+            if expected is not None and frame.shape[:2] != expected:
+                raise ValueError(f"frames of a {source_hw} source must be shrunk to {expected}, got {frame.shape[:2]}")
         results: list[list[Detection]] = []
         start = 0
         while start < len(frames_rgb):
@@ -290,12 +305,13 @@ class Detector:
             while (end < len(frames_rgb) and end - start < self.batch_size
                    and frames_rgb[end].shape == frames_rgb[start].shape):
                 end += 1
-            results.extend(self._detect_batch(frames_rgb[start:end]))
+            results.extend(self._detect_batch(frames_rgb[start:end], source_hw))
             start = end
         return results
 
-    def _detect_batch(self, frames_rgb: Sequence[np.ndarray]) -> list[list[Detection]]:
-        frame_h, frame_w = frames_rgb[0].shape[:2]
+    def _detect_batch(self, frames_rgb: Sequence[np.ndarray],
+                      source_hw: tuple[int, int] | None) -> list[list[Detection]]:
+        frame_h, frame_w = source_hw or frames_rgb[0].shape[:2]
         geometry = letterbox_geometry(frame_h, frame_w, self.inference_size, self._input_hw)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with torch.inference_mode(), autocast:
