@@ -54,7 +54,7 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
     """decode, copy, full, then one variant per setting that differs from the default (a variant equal
     to the default would just be ``full`` again). ``defaults``: the detector settings in effect."""
     out = [
-        Measurement("decode", "decode", "probe + decode to RGB (ClipReader), nothing else"),
+        Measurement("decode", "decode", "probe + decode (ClipReader), nothing else"),
         Measurement("copy", "copy", "process_clip with a detector that finds nothing: decode + encode + mux"),
         Measurement("full", "full", f"process_clip, default settings (size {defaults['inference_size']}, "
                                     f"stride {defaults['detection_stride']}, batch {defaults['batch_size']}, "

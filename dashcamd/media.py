@@ -22,6 +22,7 @@ from av.video.reformatter import VideoReformatter
 
 from dashcamd.config import EncoderSettings
 from dashcamd.errors import InvalidClip, TransientError
+from dashcamd.picture import Picture
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +93,7 @@ class ClipInfo:
 
 @dataclass(frozen=True, slots=True)
 class DecodedFrame:
-    """One decoded picture. ``rgb`` is (H, W, 3) uint8 RGB, C-contiguous and owned by the holder.
+    """One decoded frame. ``picture`` (YUV 4:2:0, limited range) is owned by the holder.
 
     ``index`` counts decoded frames from 0 (skipped corrupt frames leave no gap); ``pts`` is in
     ``time_base`` (the source's video time base), or None if the container gave none.
@@ -103,7 +104,7 @@ class DecodedFrame:
     index: int
     pts: int | None
     time_base: Fraction
-    rgb: np.ndarray
+    picture: Picture
     detector_rgb: np.ndarray | None = None
 
 
@@ -476,18 +477,21 @@ class ClipReader:
     def _to_decoded(self, frame: av.VideoFrame) -> DecodedFrame:
         if frame.is_corrupt:
             self.frames_concealed += 1
-        colours = {"src_colorspace": _SWS_MATRIX[self.info.color_matrix],
-                   "src_color_range": "JPEG" if self.info.color_range == "pc" else "MPEG",
-                   "dst_color_range": "JPEG"}
-        rgb_frame = self._reformatter.reformat(frame, format="rgb24", **colours)
-        rgb = np.ascontiguousarray(rgb_frame.to_ndarray())  # odd widths come back with padded rows
+        matrix = _SWS_MATRIX[self.info.color_matrix]
+        source_range = "JPEG" if self.info.color_range == "pc" else "MPEG"
+        # A no-op for the usual 8-bit limited-range 4:2:0 h264; 10-bit, 4:2:2 and full-range
+        # sources are converted once, here, to what the encoder takes.
+        yuv = self._reformatter.reformat(frame, format="yuv420p", src_colorspace=matrix, dst_colorspace=matrix,
+                                         src_color_range=source_range, dst_color_range="MPEG")
         detector_rgb = None
         if self._detector_size is not None:
             height, width = self._detector_size
-            small = self._detector_reformatter.reformat(frame, format="rgb24", width=width, height=height,
-                                                        interpolation="AREA", **colours)
-            detector_rgb = np.ascontiguousarray(small.to_ndarray())
-        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, rgb, detector_rgb)
+            small = self._detector_reformatter.reformat(
+                frame, format="rgb24", width=width, height=height, interpolation="AREA",
+                src_colorspace=matrix, src_color_range=source_range, dst_color_range="JPEG")
+            detector_rgb = np.ascontiguousarray(small.to_ndarray())  # odd widths come back with padded rows
+        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, Picture.from_frame(yuv),
+                               detector_rgb)
         self.frames_decoded += 1
         return decoded
 
@@ -545,9 +549,9 @@ class ClipWriter:
       streams are dropped and logged.
     - Odd width/height: x264's 4:2:0 needs even sizes, so the frame is padded by one row/column
       replicating the edge (no pixel of the source is lost, and the pad repeats redacted pixels).
-    - Colour: RGB is converted with the same matrix (BT.709/BT.601) and range the reader decoded with,
-      to limited range, and the stream is tagged with that matrix and range; primaries and transfer
-      are copied only when the source tagged them. So colours round-trip and players agree.
+    - Colour: pictures are in the reader's layout (limited-range YUV 4:2:0 in the matrix, BT.709 or
+      BT.601, the reader decoded with), and the stream is tagged with that matrix and range; primaries
+      and transfer are copied only when the source tagged them. So colours round-trip and players agree.
     - Rotation (display matrix) and container creation_time are copied.
     - ``movflags=+faststart``: moov first so players can stream the file. It costs one extra pass
       over the file at close, in place (no second copy on disk); for a 5 s 720p clip (10 MB) close
@@ -574,8 +578,6 @@ class ClipWriter:
         self._video_offset = round(Fraction(self._offset_s).limit_denominator(1_000_000) / tb)
         self._width = info.width + info.width % 2
         self._height = info.height + info.height % 2
-        self._matrix = _SWS_MATRIX[info.color_matrix]
-        self._reformatter = VideoReformatter()
         try:
             self._out = av.open(
                 str(self.path), "w", format=OUTPUT_FORMAT, options={"movflags": "+faststart"} if faststart else {}
@@ -651,27 +653,21 @@ class ClipWriter:
             )
         return mapping, offsets
 
-    def write(self, rgb: np.ndarray, pts: int | None) -> None:
-        """Encode one (H, W, 3) uint8 RGB frame shown at ``pts`` (source video time base)."""
+    def write(self, picture: Picture, pts: int | None) -> None:
+        """Encode one frame (the reader's layout: limited-range YUV 4:2:0, sides rounded up to even,
+        the clip's matrix) shown at ``pts`` (source video time base)."""
         info = self._info
         if self._closed:
             raise RuntimeError("ClipWriter is closed")
-        if rgb.shape != (info.height, info.width, 3) or rgb.dtype != np.uint8:
-            raise ValueError(
-                f"frame must be ({info.height}, {info.width}, 3) uint8, got {rgb.shape} {rgb.dtype}"
-            )
+        if (picture.width, picture.height) != (self._width, self._height):
+            raise ValueError(f"picture must be {self._width}x{self._height}, got {picture.width}x{picture.height}")
         if pts is None:
             pts = self._video_offset if self._last_pts is None else self._last_pts + self._step
         elif self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1
         self._last_pts = pts
-        if self._width != info.width or self._height != info.height:
-            rgb = np.pad(rgb, ((0, self._height - info.height), (0, self._width - info.width), (0, 0)), "edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-        yuv = self._reformatter.reformat(
-            frame, format="yuv420p", src_colorspace=self._matrix, dst_colorspace=self._matrix,
-            src_color_range="JPEG", dst_color_range="MPEG",
-        )
+        picture.repeat_edges(info.width, info.height)
+        yuv = picture.to_frame()
         yuv.pts = pts - self._video_offset
         yuv.time_base = info.time_base
         yuv.duration = self._step

@@ -99,14 +99,14 @@ def process_clip(
     try:
         try:
             # The decoder shrinks frames for the detector (see ClipReader); a detector that answers
-            # None (test doubles, the benchmark's copy limit) gets the full frames.
+            # None does not look at pixels (test doubles, the benchmark's copy limit) and gets None.
             detector_size = detector.resized_size(info.height, info.width)
-            with ClipReader(source, info=info, detector_size=detector_size) as reader, ClipWriter(temp_video, reader, settings.encoder) as writer:
+            with (ClipReader(source, info=info, detector_size=detector_size) as reader,
+                  ClipWriter(temp_video, reader, settings.encoder) as writer):
                 boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
                 try:
-                    counts, frames, redacted = _run_stages(
-                        reader, writer, settings, detector, detector_size is not None, on_progress, boxes_file
-                    )
+                    counts, frames, redacted = _run_stages(reader, writer, settings, detector, on_progress,
+                                                           boxes_file)
                 finally:
                     if boxes_file is not None:
                         boxes_file.close()
@@ -152,19 +152,15 @@ def _run_stages(
     writer: ClipWriter,
     settings: Settings,
     detector,
-    pre_shrunk: bool,
     on_progress: ProgressCallback | None,
     boxes_file: TextIO | None,
 ) -> tuple[dict[str, int], int, int]:
-    """Returns (detections per class, frames written, frames with at least one redacted region).
-
-    ``pre_shrunk``: the reader makes ``detector_rgb`` frames; detect on those instead of the full ones.
-    """
+    """Returns (detections per class, frames written, frames with at least one redacted region)."""
     info = reader.info
     frames_total = info.frame_count
     temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride)
     batch_size = settings.detector.batch_size
-    source_hw = (info.height, info.width) if pre_shrunk else None
+    source_hw = (info.height, info.width)
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     redact_queue: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     failure: list[BaseException] = []
@@ -176,7 +172,7 @@ def _run_stages(
     )
     encode_thread = threading.Thread(
         target=_encode_stage,
-        args=(redact_queue, writer, Redactor(settings.redact), boxes_file, stop, failure, encode_stats),
+        args=(redact_queue, writer, Redactor(settings.redact, info.color_matrix), boxes_file, stop, failure, encode_stats),
         name="dashcamd-encode",
         daemon=True,
     )
@@ -187,8 +183,7 @@ def _run_stages(
     try:
         for batch in _batches(decoded, batch_size, stop, failure):
             to_detect = [f for f in batch if f.index % settings.detector.detection_stride == 0]
-            pictures = [f.detector_rgb if pre_shrunk else f.rgb for f in to_detect]
-            found_per_frame = detector.detect(pictures, source_hw=source_hw)
+            found_per_frame = detector.detect([f.detector_rgb for f in to_detect], source_hw=source_hw)
             detections = dict(zip((f.index for f in to_detect), found_per_frame))
             for frame in batch:
                 window[frame.index] = frame
@@ -233,8 +228,8 @@ def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor,
             if item is _END or item is None:
                 return
             frame, boxes = item
-            redactor.apply(frame.rgb, boxes)
-            writer.write(frame.rgb, frame.pts)
+            redactor.apply(frame.picture, boxes)
+            writer.write(frame.picture, frame.pts)
             stats["frames"] += 1
             stats["redacted"] += bool(boxes)
             if boxes_file is not None:

@@ -11,8 +11,9 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from dashcamd.config import RedactSettings
 from dashcamd.boxes import RedactBox
+from dashcamd.config import RedactSettings
+from dashcamd.picture import PLANE_SUBSAMPLING, Picture, limited_range_yuv
 
 __all__ = ["RedactBox", "Redactor", "Region", "plan_region", "region_alpha", "region_mask"]
 
@@ -140,47 +141,60 @@ class Redactor:
     pixels away as well (a many-to-one map, not just an attenuation).
     pixelate: a mosaic of square cells, ``pixelate_blocks`` cells across the box's long side. Weaker
     than the default blur against a known-font attack (Depix-style) with many blocks; keep it low.
-    solid: ``solid_color`` (RGB).
+    solid: ``solid_color`` (RGB), converted with the clip's ``color_matrix`` for the YUV planes.
     Boxes are drawn in order; overlaps simply redact already-redacted pixels again.
     """
 
-    def __init__(self, settings: RedactSettings) -> None:
+    def __init__(self, settings: RedactSettings, color_matrix: str = "bt709") -> None:
         self._mode = settings.mode
         self._blur_strength = settings.blur_strength
         self._pixelate_blocks = settings.pixelate_blocks
-        self._solid_rgb = np.array(settings.solid_color, dtype=np.uint8)
+        self._solid_rgb = settings.solid_color
+        self._solid_yuv = limited_range_yuv(settings.solid_color, color_matrix)
         self._feather = settings.feather
 
-    def apply(self, frame_rgb: np.ndarray, boxes: Sequence[RedactBox]) -> None:
-        """Redact ``boxes`` (frame pixels, xyxy) in ``frame_rgb`` (uint8, (H, W, 3), RGB), in place."""
-        if frame_rgb.dtype != np.uint8 or frame_rgb.ndim != 3 or frame_rgb.shape[2] != 3:
-            raise ValueError(f"frame_rgb must be uint8 (H, W, 3), got {frame_rgb.dtype} {frame_rgb.shape}")
-        frame_size = (frame_rgb.shape[1], frame_rgb.shape[0])
+    def apply(self, picture: Picture, boxes: Sequence[RedactBox]) -> None:
+        """Redact ``boxes`` (frame pixels, xyxy) in ``picture``, in place: each plane at its own scale,
+        so chroma gets the same shapes, blur and mosaic relative to the box as luma."""
+        for plane, subsampling, solid in zip(picture.planes(), PLANE_SUBSAMPLING, self._solid_yuv):
+            plane_boxes = boxes if subsampling == 1 else [_scaled(box, 1 / subsampling) for box in boxes]
+            self.apply_to_image(plane, plane_boxes, solid)
+
+    def apply_to_image(self, image: np.ndarray, boxes: Sequence[RedactBox],
+                       solid: int | tuple[int, ...] | None = None) -> None:
+        """Redact ``boxes`` (this image's pixels, xyxy) in ``image``, uint8 (H, W) or (H, W, C), in place.
+
+        ``solid``: the fill for mode = "solid" in this image's channels (default: solid_color, RGB).
+        """
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"image must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
+        fill = np.asarray(self._solid_rgb if solid is None else solid, dtype=np.uint8)
+        frame_size = (image.shape[1], image.shape[0])
         for box in boxes:
             region = plan_region(box, frame_size, self._feather)
             if region is None:
                 continue
-            patch = frame_rgb[region.y0 : region.y1, region.x0 : region.x1]
-            effect = self._effect(patch, region)
+            patch = image[region.y0 : region.y1, region.x0 : region.x1]
+            effect = self._effect(patch, region, fill)
             if region.hard_rectangle:
                 patch[...] = effect
                 continue
-            alpha = region_alpha(region)
+            alpha = region_alpha(region)  # one weight per pixel, whatever the channel count
             patch[...] = cv2.blendLinear(patch, effect, 1.0 - alpha, alpha)
 
-    def _effect(self, patch_rgb: np.ndarray, region: Region) -> np.ndarray:
-        roi_h, roi_w = patch_rgb.shape[:2]
+    def _effect(self, patch: np.ndarray, region: Region, fill: np.ndarray) -> np.ndarray:
+        roi_h, roi_w = patch.shape[:2]
         if self._mode == "solid":
-            return np.broadcast_to(self._solid_rgb, patch_rgb.shape).copy()
+            return np.broadcast_to(fill, patch.shape).copy()
         if self._mode == "pixelate":
             cell_px = max(region.long_side_px / self._pixelate_blocks, 1.0)
             cells = (max(round(roi_w / cell_px), 1), max(round(roi_h / cell_px), 1))
-            small = cv2.resize(patch_rgb, cells, interpolation=cv2.INTER_AREA)
+            small = cv2.resize(patch, cells, interpolation=cv2.INTER_AREA)
             return cv2.resize(small, (roi_w, roi_h), interpolation=cv2.INTER_NEAREST)
         sigma_px = self._blur_strength * region.short_side_px
         scale = min(1.0, _SMALL_SIGMA_PX / sigma_px)
         small_w, small_h = max(round(roi_w * scale), 1), max(round(roi_h * scale), 1)
-        small = cv2.resize(patch_rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(patch, (small_w, small_h), interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(
             small,
             (0, 0),
@@ -189,3 +203,7 @@ class Redactor:
             borderType=cv2.BORDER_REPLICATE,
         )
         return cv2.resize(small, (roi_w, roi_h), interpolation=cv2.INTER_LINEAR)
+
+
+def _scaled(box: RedactBox, factor: float) -> RedactBox:
+    return box._replace(x1=box.x1 * factor, y1=box.y1 * factor, x2=box.x2 * factor, y2=box.y2 * factor)

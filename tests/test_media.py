@@ -27,6 +27,7 @@ from media_factory import (
 from dashcamd.config import EncoderSettings
 from dashcamd.errors import InvalidClip, TransientError
 from dashcamd.media import ClipInfo, ClipReader, ClipWriter, probe
+from dashcamd.picture import Picture
 from dashcamd.publish import verify_output
 
 FAST = EncoderSettings(crf=28, preset="ultrafast")
@@ -36,7 +37,7 @@ def transcode(source: Path, output: Path, settings: EncoderSettings = FAST) -> C
     """The pipeline's use of the API, single-threaded; returns the spent reader (for its counters)."""
     with ClipReader(source) as reader, ClipWriter(output, reader, settings) as writer:
         for frame in reader.frames():
-            writer.write(frame.rgb, frame.pts)
+            writer.write(frame.picture, frame.pts)
     return reader
 
 
@@ -199,8 +200,8 @@ def test_colours_survive_decode_and_encode(tmp_path: Path, size: tuple[int, int]
     output = tmp_path / "out.mp4"
     transcode(source, output, EncoderSettings(crf=12, preset="ultrafast"))
     assert probe(output).color_matrix == probe(source).color_matrix == matrix
-    with ClipReader(output) as reader:
-        rgb = next(iter(reader.frames())).rgb
+    with ClipReader(output, detector_size=(size[1], size[0])) as reader:  # full size: plain YUV -> RGB
+        rgb = next(iter(reader.frames())).detector_rgb
     edges = np.linspace(0, size[0], len(BAR_COLORS_RGB) + 1).astype(int)
     for color, x0, x1 in zip(BAR_COLORS_RGB, edges[:-1], edges[1:]):
         patch = rgb[size[1] // 4 : 3 * size[1] // 4, x0 + 4 : x1 - 4].reshape(-1, 3).mean(axis=0)
@@ -210,15 +211,18 @@ def test_colours_survive_decode_and_encode(tmp_path: Path, size: tuple[int, int]
 def test_reader_also_gives_frames_shrunk_for_the_detector(tmp_path: Path) -> None:
     source = make_clip(tmp_path / "bars.mp4", width=640, height=360, seconds=0.2, pattern="bars", audio_streams=0)
     with ClipReader(source, detector_size=(90, 160)) as reader:
-        frames = list(reader.frames())
+        shrunk = [frame.detector_rgb for frame in reader.frames()]
+    with ClipReader(source, detector_size=(360, 640)) as reader:
+        full = [frame.detector_rgb for frame in reader.frames()]
     with ClipReader(source) as reader:
         assert all(f.detector_rgb is None for f in reader.frames())
-    for frame in frames:
-        assert frame.rgb.shape == (360, 640, 3) and frame.detector_rgb.shape == (90, 160, 3)
+    assert len(shrunk) == len(full) > 0
+    for small, rgb in zip(shrunk, full):
+        assert small.shape == (90, 160, 3) and rgb.shape == (360, 640, 3)
         # Area averaging of the same picture: the full frame shrunk by 4x4 blocks, up to rounding and
         # the bar edges (each bar is 640/7 px wide, not a multiple of 4).
-        blocks = frame.rgb.reshape(90, 4, 160, 4, 3).astype(float).mean(axis=(1, 3))
-        assert np.median(np.abs(blocks - frame.detector_rgb)) <= 1.0
+        blocks = rgb.reshape(90, 4, 160, 4, 3).astype(float).mean(axis=(1, 3))
+        assert np.median(np.abs(blocks - small)) <= 1.0
 
 
 # ------------------------------------------------------------------------------------------ corruption
@@ -267,7 +271,7 @@ def test_writer_in_its_own_thread_holds_only_the_look_ahead(tmp_path: Path) -> N
         def encode() -> None:
             try:
                 while (frame := handoff.get()) is not None:
-                    writer.write(frame.rgb, frame.pts)
+                    writer.write(frame.picture, frame.pts)
                     pending_side.append(len(writer._channel.items))
             except BaseException as error:
                 failures.append(error)
@@ -292,15 +296,15 @@ def test_missing_and_repeated_pts_still_give_every_frame(tmp_path: Path) -> None
     output = tmp_path / "out.mp4"
     with ClipReader(source) as reader, ClipWriter(output, reader, FAST) as writer:
         for frame in reader.frames():
-            writer.write(frame.rgb, None if frame.index % 3 == 0 else 0)
+            writer.write(frame.picture, None if frame.index % 3 == 0 else 0)
     assert probe(output).frame_count == 15
 
 
 def test_writer_refuses_frames_of_another_size(tmp_path: Path) -> None:
     source = make_clip(tmp_path / "a.mp4", seconds=0.2, audio_streams=0)
     with ClipReader(source) as reader, ClipWriter(tmp_path / "out.mp4", reader, FAST) as writer:
-        with pytest.raises(ValueError, match="frame must be"):
-            writer.write(np.zeros((10, 10, 3), np.uint8), 0)
+        with pytest.raises(ValueError, match="picture must be"):
+            writer.write(Picture.blank(10, 10), 0)
 
 
 def test_writer_must_exist_before_reading_starts(tmp_path: Path) -> None:

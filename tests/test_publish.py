@@ -140,7 +140,7 @@ def test_encode_verify_publish_flow(tmp_path: Path) -> None:
     temp = temp_path_for(final)
     with ClipReader(source) as reader, ClipWriter(temp, reader, EncoderSettings(preset="ultrafast")) as writer:
         for frame in reader.frames():
-            writer.write(frame.rgb, frame.pts)
+            writer.write(frame.picture, frame.pts)
     assert stat.S_IMODE(temp.stat().st_mode) == 0o600
     verify_output(reader.info, temp, frames_dropped=reader.frames_dropped)
     publish.publish(temp, final)

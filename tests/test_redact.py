@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import av
 import cv2
 import numpy as np
 import pytest
 
 from dashcamd.config import RedactSettings
+from dashcamd.picture import PLANE_SUBSAMPLING, Picture
 from dashcamd.redact import Redactor, region_mask
 from dashcamd.track import RedactBox
 
@@ -47,7 +49,7 @@ def test_box_is_redacted_and_outside_is_untouched(mode, label):
     frame = checkerboard()
     original = frame.copy()
     b = box(100, 80, 200, 130, label)
-    Redactor(settings).apply(frame, [b])
+    Redactor(settings).apply_to_image(frame, [b])
     inside = frame[80:130, 100:200].astype(np.float32)
     if mode == "solid":
         assert (frame[80:130, 100:200] == (255, 0, 0)).all()
@@ -97,7 +99,7 @@ def test_zones_are_hard_rectangles():
     frame = noise()
     original = frame.copy()
     settings = RedactSettings(mode="solid", feather=0.5)
-    Redactor(settings).apply(frame, [RedactBox(40, 30, 90, 70, "zone", 1.0, "zone")])
+    Redactor(settings).apply_to_image(frame, [RedactBox(40, 30, 90, 70, "zone", 1.0, "zone")])
     changed = (frame != original).any(axis=2)
     assert changed[30:70, 40:90].all()
     changed[30:70, 40:90] = False
@@ -112,8 +114,8 @@ def test_blur_strength_scales_with_box_size():
     small[20:40, 20:60] = pattern
     big = cv2.resize(small, (240, 180), interpolation=cv2.INTER_NEAREST)
     redactor = Redactor(RedactSettings(feather=0.0))
-    redactor.apply(small, [box(20, 20, 60, 40)])
-    redactor.apply(big, [box(60, 60, 180, 120)])
+    redactor.apply_to_image(small, [box(20, 20, 60, 40)])
+    redactor.apply_to_image(big, [box(60, 60, 180, 120)])
     shrunk = cv2.resize(big, (80, 60), interpolation=cv2.INTER_AREA)
     diff = np.abs(shrunk[20:40, 20:60].astype(int) - small[20:40, 20:60].astype(int))
     assert diff.mean() < 6
@@ -122,7 +124,7 @@ def test_blur_strength_scales_with_box_size():
 def test_pixelate_makes_about_n_blocks_across_the_long_side():
     frame = noise()
     redactor = Redactor(RedactSettings(mode="pixelate", pixelate_blocks=8, feather=0.0))
-    redactor.apply(frame, [box(0, 0, 160, 80)])
+    redactor.apply_to_image(frame, [box(0, 0, 160, 80)])
     row = frame[40, 0:160, 0]
     runs = 1 + int(np.count_nonzero(np.diff(row.astype(int))))
     assert 7 <= runs <= 9
@@ -142,7 +144,7 @@ def test_edges_tiny_and_overlapping_boxes_do_not_crash(mode):
         box(120, 110, 200, 150, "face"),  # overlapping the previous box
     ]
     original = frame.copy()
-    Redactor(RedactSettings(mode=mode, solid_color=(7, 7, 7))).apply(frame, boxes)
+    Redactor(RedactSettings(mode=mode, solid_color=(7, 7, 7))).apply_to_image(frame, boxes)
     if mode == "solid":
         for y, x in ((0, 0), (HEIGHT - 1, WIDTH - 1), (100, 150), (100, 160), (101, 171), (145, 190)):
             assert (frame[y, x] == 7).all(), (y, x)
@@ -153,8 +155,57 @@ def test_edges_tiny_and_overlapping_boxes_do_not_crash(mode):
 def test_rejects_bad_frames_and_boxes():
     redactor = Redactor(RedactSettings())
     with pytest.raises(ValueError):
-        redactor.apply(np.zeros((10, 10), np.uint8), [])
+        redactor.apply_to_image(np.zeros((10,), np.uint8), [])
     with pytest.raises(ValueError):
-        redactor.apply(np.zeros((10, 10, 3), np.float32), [])
+        redactor.apply_to_image(np.zeros((10, 10, 3), np.float32), [])
     with pytest.raises(ValueError):
-        redactor.apply(np.zeros((10, 10, 3), np.uint8), [box(float("inf"), 0, 5, 5)])
+        redactor.apply_to_image(np.zeros((10, 10, 3), np.uint8), [box(float("inf"), 0, 5, 5)])
+
+
+def _picture_of(rgb: np.ndarray) -> Picture:
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+    return Picture.from_frame(frame.reformat(format="yuv420p", src_colorspace="ITU709", dst_colorspace="ITU709",
+                                             src_color_range="JPEG", dst_color_range="MPEG"))
+
+
+def _rgb_of(picture: Picture) -> np.ndarray:
+    return picture.to_frame().reformat(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG",
+                                       dst_color_range="JPEG").to_ndarray()
+
+
+@pytest.mark.parametrize("label", ["plate", "face"])
+def test_picture_planes_are_redacted_each_at_its_own_scale(label):
+    picture = _picture_of(noise())
+    original = [plane.copy() for plane in picture.planes()]
+    b = box(101, 81, 199, 131, label)
+    Redactor(RedactSettings()).apply(picture, [b])
+    for plane, before, subsampling in zip(picture.planes(), original, PLANE_SUBSAMPLING):
+        x1, y1, x2, y2 = (round(v / subsampling) for v in (b.x1, b.y1, b.x2, b.y2))
+        # Noise (std ~74 in luma) is flattened inside the box in every plane ...
+        assert plane[y1:y2, x1:x2].astype(np.float32).std() < 6.0
+        # ... and nothing beyond the feathered shape changed, at this plane's scale.
+        scaled = box(b.x1 / subsampling, b.y1 / subsampling, b.x2 / subsampling, b.y2 / subsampling, label)
+        untouched = outside_reach(label, scaled, RedactSettings().feather)[:plane.shape[0], :plane.shape[1]]
+        assert (plane[untouched] == before[untouched]).all()
+
+
+@pytest.mark.parametrize("matrix", ["bt709", "bt601"])
+def test_solid_colour_in_the_planes_comes_back_as_that_rgb(matrix):
+    picture = _picture_of(noise())
+    Redactor(RedactSettings(mode="solid", solid_color=(200, 30, 60)), color_matrix=matrix).apply(
+        picture, [box(40, 40, 120, 100, "zone")])
+    back = picture.to_frame().reformat(format="rgb24", src_colorspace="ITU709" if matrix == "bt709" else "ITU601",
+                                       src_color_range="MPEG", dst_color_range="JPEG").to_ndarray()
+    assert np.abs(back[44:96, 44:116].astype(int) - (200, 30, 60)).max() <= 3
+
+
+def test_blur_in_the_planes_looks_like_blur_in_rgb():
+    """Blur and blend are linear, so redacting the YUV planes and converting back matches redacting RGB
+    (up to 4:2:0 chroma and 8-bit rounding)."""
+    frame = noise()
+    picture = _picture_of(frame)
+    expected = _rgb_of(picture)  # the same source as the planes see it
+    b = box(100, 80, 200, 130)
+    Redactor(RedactSettings()).apply(picture, [b])
+    Redactor(RedactSettings()).apply_to_image(expected, [b])
+    assert np.abs(_rgb_of(picture)[85:125, 105:195].astype(int) - expected[85:125, 105:195]).mean() < 3.0
