@@ -38,6 +38,7 @@ import synth  # noqa: E402
 INFERENCE_SIZES = (640, 960, 1280)
 STRIDES = (1, 2, 3)
 BATCH_SIZES = (1, 4, 8)
+ENCODER_PRESETS = ("superfast", "veryfast")
 
 
 @dataclass
@@ -90,6 +91,11 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
     if not cuda:
         out.append(Measurement("runtime=torch", "full", "torch eager on the CPU instead of onnxruntime",
                                {"detector": {"runtime": "torch"}}))
+    # The encoder is the floor on a CPU: what a faster x264 preset buys, and costs in bitrate.
+    for preset in ENCODER_PRESETS:
+        if preset != defaults["preset"]:
+            out.append(Measurement(f"preset={preset}", "full", f"x264 preset {preset}",
+                                   {"encoder": {"preset": preset}}))
     return out
 
 
@@ -152,9 +158,10 @@ def run_child(spec: dict) -> dict:
         info = probe(clip)
         import numpy as np
 
-        blank = np.zeros((info.height, info.width, 3), np.uint8)
+        source_hw = (info.height, info.width)
+        blank = np.zeros((*detector.resized_size(*source_hw), 3), np.uint8)  # as the decoder hands them over
         started = time.monotonic()
-        detector.detect([blank] * settings.detector.batch_size)
+        detector.detect([blank] * settings.detector.batch_size, source_hw=source_hw)
         result["warmup_s"] = round(time.monotonic() - started, 3)
         result["device"] = str(detector.device)
         result["precision"] = getattr(detector, "precision", None)
@@ -176,6 +183,7 @@ def run_child(spec: dict) -> dict:
         output = Path(spec["work"]) / "output" / f"{spec['name'].replace('=', '-')}-{os.getpid()}.mp4"
         try:
             report = process_clip(clip, output, settings, detector)
+            result["output_mbit_s"] = round(output.stat().st_size * 8 / probe(output).duration_s / 1e6, 2)
         finally:
             output.unlink(missing_ok=True)
         frames = report.frames
@@ -269,7 +277,7 @@ def summarise(runs: list[dict], clip_fps: float) -> dict:
         "peak_rss_mb_max": max(r["peak_rss_mb"] for r in good),
         "frames": good[0]["frames"],
     }
-    for key in ("load_s", "warmup_s", "cuda_peak_mb"):
+    for key in ("load_s", "warmup_s", "cuda_peak_mb", "output_mbit_s"):
         if key in good[0]:
             summary[key] = statistics.median(r[key] for r in good)
     if "detections" in good[0]:
@@ -299,17 +307,18 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
           f"frames ({clip_info['seconds']:.1f} s), audio: {clip_info['audio']}")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; detector device: {', '.join(sorted(devices)) or '-'}"
           f"; load average at start {machine['load_average_at_start']}")
-    print(f"\n{'measurement':15} {'fps':>7} {'min-max':>13} {'x realtime':>10} {'cpu ms/fr':>9} "
-          f"{'peak RSS MB':>11}  what")
+    print(f"\n{'measurement':17} {'fps':>7} {'min-max':>13} {'x realtime':>10} {'cpu ms/fr':>9} "
+          f"{'peak RSS MB':>11} {'out Mbit/s':>10}  what")
     for m in measurements:
         s = summaries[m.name]
         if not s.get("ok"):
-            print(f"{m.name:15} {'FAILED':>7}  {s.get('errors', ['?'])[0][:200]}")
+            print(f"{m.name:17} {'FAILED':>7}  {s.get('errors', ['?'])[0][:200]}")
             continue
         spread = f"{s['fps_min']:.1f}-{s['fps_max']:.1f}"
         extra = f" [CUDA peak {s['cuda_peak_mb']:.0f} MB]" if "cuda_peak_mb" in s else ""
-        print(f"{m.name:15} {s['fps_median']:>7.1f} {spread:>13} {s['realtime_factor']:>10.2f} "
-              f"{s['cpu_ms_per_frame_median']:>9.1f} {s['peak_rss_mb_max']:>11.0f}  {m.what}{extra}")
+        bitrate = f"{s['output_mbit_s']:.2f}" if "output_mbit_s" in s else "-"
+        print(f"{m.name:17} {s['fps_median']:>7.1f} {spread:>13} {s['realtime_factor']:>10.2f} "
+              f"{s['cpu_ms_per_frame_median']:>9.1f} {s['peak_rss_mb_max']:>11.0f} {bitrate:>10}  {m.what}{extra}")
     full, copy = summaries.get("full", {}), summaries.get("copy", {})
     if full.get("ok") and copy.get("ok"):
         print(f"\nfull / copy limit = {full['fps_median'] / copy['fps_median']:.2f} "
@@ -327,11 +336,13 @@ def clip_description(clip: Path) -> dict:
 
 def default_detector_settings(config: Path | None, base_overrides: dict, work: Path) -> dict:
     spec = {"work": str(work), "overrides": base_overrides, "config": str(config) if config else None}
-    detector = _child_settings(spec).detector
+    settings = _child_settings(spec)
+    detector = settings.detector
     threads = detector.torch_threads or max(1, (os.cpu_count() or 2) - 1)  # as load_detector resolves it
     return {"inference_size": detector.inference_size, "detection_stride": detector.detection_stride,
             "batch_size": detector.batch_size, "threads_resolved": threads, "device": detector.device,
-            "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights)}
+            "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights),
+            "preset": settings.encoder.preset}
 
 
 def _cuda_expected(device_setting: str) -> bool:
@@ -357,8 +368,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", metavar="NAME",
-                        help="subset: names (decode copy full size=960 stride=2 batch=1 threads=2 precision=bf16) "
-                             "or groups (size stride batch threads precision)")
+                        help="subset: names (decode copy full size=960 stride=2 batch=1 threads=2 precision=bf16 "
+                             "preset=superfast) or groups (size stride batch threads precision preset)")
     parser.add_argument("--weights", type=Path, help="detector weights (default: the settings' default)")
     parser.add_argument("--random-weights", action="store_true", help="random-weights YOLOv5n (smoke runs)")
     parser.add_argument("--device", help="detector device: cpu | cuda | auto (default: settings)")
