@@ -6,6 +6,7 @@ Nothing here touches a source before its output is verified and durably publishe
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -27,6 +28,10 @@ TEMP_MARKER = ".dashcamd-tmp-"
 # ".<final name>.dashcamd-tmp-<pid>-<hex>.mp4": hidden, so the watcher and people ignore it.
 _TEMP_RE = re.compile(r"^\..*" + re.escape(TEMP_MARKER) + r"(?P<pid>\d+)-[0-9a-f]+(\.[A-Za-z0-9]+)?$")
 _NAME_MAX = 255
+# Output names stop short of NAME_MAX so that the names derived from them still fit: the boxes
+# sidecar (".boxes.jsonl" for ".mp4", +8 bytes) and the collision rename ("a.mov.mp4", +4 or 5).
+_OUTPUT_NAME_MAX = _NAME_MAX - 16
+_SHORTENED_MARK = "~"
 # Disk and I/O failures that may pass: the job is retried later instead of failing for good.
 _TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ESTALE, errno.EAGAIN})
 # link() failing because of the filesystem, not the name: fall back to copying.
@@ -57,11 +62,23 @@ def output_path_for(source: Path, watch_root: Path, output_root: Path, suffix: s
         raise ValueError(f"{source} is not inside watch folder {watch_root}") from None
     if not relative.parts or relative.name in ("", ".", ".."):
         raise ValueError(f"{source} names no file inside {watch_root}")
-    name = f"{Path(relative.name).stem}{suffix}{OUTPUT_SUFFIX}"
+    name = _fit_name(Path(relative.name).stem, f"{suffix}{OUTPUT_SUFFIX}")
     root = Path(os.path.abspath(output_root))
     final = root.joinpath(*relative.parts[:-1], name)
     _refuse_escape(final, root)
     return final
+
+
+def _fit_name(stem: str, tail: str) -> str:
+    """``stem + tail``, or, when that is too long for the filesystem in UTF-8, the stem cut short and
+    marked with a hash of the whole stem, so two long names that share a beginning stay apart."""
+    name = stem + tail
+    if len(name.encode()) <= _OUTPUT_NAME_MAX:
+        return name
+    mark = f"{_SHORTENED_MARK}{hashlib.sha256(stem.encode()).hexdigest()[:10]}"
+    room = _OUTPUT_NAME_MAX - len((mark + tail).encode())
+    head = stem.encode()[:room].decode(errors="ignore")  # never half a multi-byte character
+    return f"{head}{mark}{tail}"
 
 
 def _refuse_escape(path: Path, root: Path) -> None:

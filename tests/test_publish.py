@@ -49,6 +49,22 @@ def test_output_path_refuses_escapes(tmp_path: Path, source: str, suffix: str) -
         output_path_for(tmp_path / source, tmp_path / "watch", tmp_path / "out", suffix)
 
 
+def test_output_names_too_long_for_the_filesystem_are_shortened_apart(tmp_path: Path) -> None:
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    long_stem = "Fahrt_über_die_Brücke_" * 12  # 264 bytes of UTF-8, with two-byte characters
+    first = output_path_for(watch / f"{long_stem}1.mp4", watch, out, "_anon")
+    second = output_path_for(watch / f"{long_stem}2.mp4", watch, out, "_anon")
+    assert first != second
+    for path in (first, second):
+        assert len(path.name.encode()) <= 255 - 16  # room for ".boxes.jsonl" and "a.mov.mp4"-style renames
+        assert path.name.startswith("Fahrt_über") and path.name.endswith("_anon.mp4")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".boxes.jsonl").write_bytes(b"")  # the longest derived name can be created
+        path.write_bytes(b"")
+    short = output_path_for(watch / "CLIP0001.MP4", watch, out, "_anon")
+    assert short.name == "CLIP0001_anon.mp4"
+
+
 def test_output_path_refuses_symlinked_folder_in_output(tmp_path: Path) -> None:
     watch, out, elsewhere = tmp_path / "watch", tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
