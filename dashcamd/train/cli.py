@@ -22,12 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt if present")
     fit.add_argument("--init", type=Path, default=None, metavar="WEIGHTS",
                      help="start from these dashcamd weights (e.g. weights/dashcamd-n-v1.pt) when not resuming")
-    fit.add_argument("--plates-dir", type=Path, default=DEFAULT_DATA / "plates_openimages")
-    fit.add_argument("--faces-dir", type=Path, default=DEFAULT_DATA / "faces_unlabelled")
-    fit.add_argument("--labels-dir", type=Path, default=DEFAULT_LABELS,
-                     help="teacher face labels written by tools/label_faces.py")
-    fit.add_argument("--face-min-score", type=float, default=0.5, help="teacher score kept as a face label")
-    fit.add_argument("--dev-fraction", type=float, default=0.1, help="share of TRAIN held out as dev")
+    _add_data_options(fit)
     fit.add_argument("--model-size", default="n")
     fit.add_argument("--epochs", type=int, default=30, help="planned total; larger on --resume extends")
     fit.add_argument("--batch-size", type=int, default=8)
@@ -49,7 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a run checkpoint's EMA weights in the detector format (fp16)")
     exp.add_argument("checkpoint", type=Path, help="RUN_DIR/best.pt or last.pt")
     exp.add_argument("output", type=Path, help="e.g. weights/dashcamd-n-v1.pt")
+
+    thr = sub.add_parser("thresholds", help="choose per-class score thresholds for weights on the dev split")
+    thr.add_argument("weights", type=Path)
+    thr.add_argument("--min-precision", type=float, default=0.2,
+                     help="lowest dev precision (IoU 0.5) a chosen threshold may have")
+    thr.add_argument("--inference-size", type=int, default=640)
+    _add_data_options(thr)
     return ap
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    """Where the samples come from and how the dev split is carved: the same for fit and thresholds."""
+    parser.add_argument("--plates-dir", type=Path, default=DEFAULT_DATA / "plates_openimages")
+    parser.add_argument("--faces-dir", type=Path, default=DEFAULT_DATA / "faces_unlabelled")
+    parser.add_argument("--labels-dir", type=Path, default=DEFAULT_LABELS,
+                     help="teacher face labels written by tools/label_faces.py")
+    parser.add_argument("--face-min-score", type=float, default=0.5, help="teacher score kept as a face label")
+    parser.add_argument("--dev-fraction", type=float, default=0.1, help="share of TRAIN held out as dev")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .dataset import load_samples
-    from .trainer import TrainConfig, train
 
     train_s, dev_s = load_samples(args.plates_dir, args.faces_dir, args.labels_dir,
                                   args.face_min_score, args.dev_fraction)
+    if args.command == "thresholds":
+        return _print_thresholds(args, dev_s)
+
+    from .trainer import TrainConfig, train
+
     logging.getLogger(__name__).info("samples: %d train, %d dev", len(train_s), len(dev_s))
     cfg = TrainConfig(run_dir=str(args.run_dir), model_size=args.model_size, epochs=args.epochs,
                       batch_size=args.batch_size, crop_px=args.crop_px, optimizer=args.optimizer,
@@ -78,4 +94,18 @@ def main(argv: list[str] | None = None) -> int:
                       init_weights=str(args.init) if args.init else "")
     metrics = train(cfg, train_s, dev_s, resume=args.resume)
     print(json.dumps(metrics))
+    return 0
+
+
+def _print_thresholds(args: argparse.Namespace, dev_samples: list) -> int:
+    from .thresholds import choose, dev_operating_points
+
+    table = dev_operating_points(args.weights, dev_samples, args.inference_size)
+    chosen = {}
+    for name, points in table.items():
+        print(f"{name}: threshold precision recall (dev, {len(dev_samples)} images)")
+        for p in points:
+            print(f"  {p.threshold:.2f} {p.precision:.3f} {p.recall:.3f}")
+        chosen[name] = choose(points, args.min_precision).threshold
+    print(json.dumps({"chosen": chosen, "min_precision": args.min_precision}))
     return 0
