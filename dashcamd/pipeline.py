@@ -170,9 +170,10 @@ def _run_stages(
     decode_thread = threading.Thread(
         target=_decode_stage, args=(reader.frames(), decoded, stop, failure), name="dashcamd-decode", daemon=True
     )
+    redactor = Redactor(settings.redact, info.color_matrix)
     encode_thread = threading.Thread(
         target=_encode_stage,
-        args=(redact_queue, writer, Redactor(settings.redact, info.color_matrix), boxes_file, stop, failure, encode_stats),
+        args=(redact_queue, writer, redactor, boxes_file, stop, failure, encode_stats),
         name="dashcamd-encode",
         daemon=True,
     )

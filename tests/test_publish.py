@@ -130,7 +130,8 @@ def test_remove_stale_temps_deletes_only_dead_writers_temps(tmp_path: Path) -> N
     dead_pid = int(dead.stdout)  # that process has exited
     sub = tmp_path / "2024"
     sub.mkdir()
-    stale = [sub / f".a.mp4.dashcamd-tmp-{dead_pid}-0a1b2c3d.mp4", tmp_path / f".b.mp4.dashcamd-tmp-{os.getpid()}-ff.mp4"]
+    stale = [sub / f".a.mp4.dashcamd-tmp-{dead_pid}-0a1b2c3d.mp4",
+             tmp_path / f".b.mp4.dashcamd-tmp-{os.getpid()}-ff.mp4"]
     live_other = tmp_path / ".c.mp4.dashcamd-tmp-1-ab.mp4"  # pid 1 is alive: another instance's work
     keep = [tmp_path / "clip.mp4", tmp_path / ".hidden.mp4", live_other]
     for path in stale + keep:
