@@ -363,6 +363,8 @@ class ClipReader:
         self._reformatter = VideoReformatter()
         self._detector_size = detector_size
         self._detector_reformatter = VideoReformatter()  # its own cached swscale context
+        self._matrix = _SWS_MATRIX[self.info.color_matrix]
+        self._source_range = "JPEG" if self.info.color_range == "pc" else "MPEG"
         self._channel: _SideChannel | None = None
         self._started = False
         self._closed = False
@@ -477,18 +479,17 @@ class ClipReader:
     def _to_decoded(self, frame: av.VideoFrame) -> DecodedFrame:
         if frame.is_corrupt:
             self.frames_concealed += 1
-        matrix = _SWS_MATRIX[self.info.color_matrix]
-        source_range = "JPEG" if self.info.color_range == "pc" else "MPEG"
         # A no-op for the usual 8-bit limited-range 4:2:0 h264; 10-bit, 4:2:2 and full-range
         # sources are converted once, here, to what the encoder takes.
-        yuv = self._reformatter.reformat(frame, format="yuv420p", src_colorspace=matrix, dst_colorspace=matrix,
-                                         src_color_range=source_range, dst_color_range="MPEG")
+        yuv = self._reformatter.reformat(frame, format="yuv420p", src_colorspace=self._matrix,
+                                         dst_colorspace=self._matrix, src_color_range=self._source_range,
+                                         dst_color_range="MPEG")
         detector_rgb = None
         if self._detector_size is not None:
             height, width = self._detector_size
             small = self._detector_reformatter.reformat(
                 frame, format="rgb24", width=width, height=height, interpolation="AREA",
-                src_colorspace=matrix, src_color_range=source_range, dst_color_range="JPEG")
+                src_colorspace=self._matrix, src_color_range=self._source_range, dst_color_range="JPEG")
             detector_rgb = np.ascontiguousarray(small.to_ndarray())  # odd widths come back with padded rows
         decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, Picture.from_frame(yuv),
                                detector_rgb)
