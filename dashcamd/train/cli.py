@@ -59,7 +59,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plates-dir", type=Path, default=DEFAULT_DATA / "plates_openimages")
     parser.add_argument("--faces-dir", type=Path, default=DEFAULT_DATA / "faces_unlabelled")
     parser.add_argument("--labels-dir", type=Path, default=DEFAULT_LABELS,
-                     help="teacher face labels written by tools/label_faces.py")
+                        help="teacher face labels written by tools/label_faces.py")
     parser.add_argument("--face-min-score", type=float, default=0.5, help="teacher score kept as a face label")
     parser.add_argument("--dev-fraction", type=float, default=0.1, help="share of TRAIN held out as dev")
 
