@@ -38,6 +38,7 @@ import synth  # noqa: E402
 INFERENCE_SIZES = (640, 960, 1280)
 STRIDES = (1, 2, 3)
 BATCH_SIZES = (1, 4, 8)
+CUDA_BATCH_SIZES = (16, 32)  # a GPU wants larger batches than a CPU; only planned where CUDA is used
 ENCODER_PRESETS = ("superfast", "veryfast")
 
 
@@ -70,7 +71,7 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         if stride != defaults["detection_stride"]:
             out.append(Measurement(f"stride={stride}", "full", f"detect 1 frame in {stride}",
                                    {"detector": {"detection_stride": stride}}))
-    for batch in BATCH_SIZES:
+    for batch in BATCH_SIZES + (CUDA_BATCH_SIZES if cuda else ()):
         if batch != defaults["batch_size"]:
             out.append(Measurement(f"batch={batch}", "full", f"batch size {batch}",
                                    {"detector": {"batch_size": batch}}))

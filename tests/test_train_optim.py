@@ -45,3 +45,11 @@ def test_ema_follows_the_model_and_copies_integer_buffers():
     assert (after > before).all() and (after < model[0].weight).all()
     assert ema.model[1].num_batches_tracked.item() == 5
     assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_epochs_that_fit_extends_by_the_mean_pace_and_never_below_the_current_epoch():
+    from dashcamd.train.trainer import epochs_that_fit
+
+    # 2 epochs took 20 s of a 100 s budget: 8 more at 10 s each, counted from epoch 12 (a resumed run).
+    assert epochs_that_fit(done_here=2, seconds_here=20.0, budget_s=100.0, epoch_now=12) == 20
+    assert epochs_that_fit(done_here=1, seconds_here=50.0, budget_s=10.0, epoch_now=3) == 3

@@ -75,3 +75,16 @@ def test_two_steps_checkpoint_resume_and_export(tmp_path):
     assert started["state"]["step"] == 1 and started["ema_updates"] == 10_001
     assert torch.allclose(started["ema"]["model.0.conv.weight"].half().float(),
                           raw["state_dict"]["model.0.conv.weight"].float(), atol=1e-2)
+
+
+def test_fit_minutes_ends_the_run_inside_its_budget(tmp_path):
+    """A budget far shorter than one epoch: the planned 50 epochs shrink to the one already run,
+    which is then evaluated and saved as the final epoch."""
+    data = _tiny_sets(tmp_path)
+    run = tmp_path / "run"
+    assert main(["fit", "--run-dir", str(run), *data, "--batch-size", "2", "--crop-px", "64", "--threads", "1",
+                 "--epochs", "50", "--dev-fraction", "0.5", "--eval-size-px", "96", "--device", "cpu",
+                 "--fit-minutes", "0.0001"]) == 0
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["state"]["epoch"] == 1 and last["config"]["epochs"] == 1
+    assert "dev" in last["state"]["history"][-1]

@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     fit.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="auto = cuda when available (bf16 autocast there), else cpu")
+    fit.add_argument("--fit-minutes", type=float, default=0.0,
+                     help="> 0: shorten --epochs to what fits in this many minutes (for a lent GPU)")
     fit.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
     fit.add_argument("--augment", type=json.loads, default={},
                      help='AugmentConfig overrides as JSON, e.g. \'{"p_night": 0.3}\'')
@@ -91,10 +95,21 @@ def main(argv: list[str] | None = None) -> int:
                       eval_every_epochs=args.eval_every_epochs, eval_size_px=args.eval_size_px,
                       save_every_min=args.save_every_min, workers=args.workers, threads=args.threads,
                       seed=args.seed, max_steps=args.max_steps, augment=args.augment,
-                      init_weights=str(args.init) if args.init else "")
+                      init_weights=str(args.init) if args.init else "", device=_device(args.device),
+                      fit_minutes=args.fit_minutes)
     metrics = train(cfg, train_s, dev_s, resume=args.resume)
     print(json.dumps(metrics))
     return 0
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return requested
 
 
 def _print_thresholds(args: argparse.Namespace, dev_samples: list) -> int:

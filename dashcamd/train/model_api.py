@@ -43,12 +43,13 @@ def head_geometry(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def predictor(model: nn.Module, conf: float = 0.01, iou: float = 0.5):
     """Callable for dev eval: images float32 (1, 3, S, S) RGB [0, 1] -> (N, 6) [x1, y1, x2, y2, score,
     cls] in input pixels, with the detector's own post-processing (score = objectness x class)."""
-    thresholds = torch.full((len(CLASS_NAMES),), conf)
+    device = next(model.parameters()).device
+    thresholds = torch.full((len(CLASS_NAMES),), conf, device=device)
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:
         model.eval()
-        boxes, scores, classes = postprocess(model(images), thresholds, iou)[0]
+        boxes, scores, classes = postprocess(model(images.to(device)), thresholds, iou)[0]
         return torch.cat([boxes, scores[:, None], classes[:, None].float()], 1)
 
     return predict

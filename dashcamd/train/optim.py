@@ -77,8 +77,12 @@ class ModelEMA:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
         src = model.state_dict()
+        averaged, current = [], []
         for k, v in self.model.state_dict().items():
             if v.dtype.is_floating_point:
-                v.mul_(d).add_(src[k].detach(), alpha=1 - d)
+                averaged.append(v)
+                current.append(src[k].detach())
             else:
                 v.copy_(src[k])
+        # One fused update over all tensors: hundreds of tiny kernels per step would dominate on a GPU.
+        torch._foreach_lerp_(averaged, current, 1 - d)

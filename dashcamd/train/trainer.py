@@ -48,6 +48,11 @@ class TrainConfig:
     threads: int = 2
     seed: int = 0
     max_steps: int = 0  # stop after this many optimiser steps (smoke tests); 0 = no limit
+    # "cpu" or "cuda"; on CUDA the forward pass runs under bf16 autocast (the loss stays fp32).
+    device: str = "cpu"
+    # > 0: after each epoch, set `epochs` to what fits in this many minutes from this process's start
+    # (eval included), so a run on a lent machine ends its cosine schedule inside the lease.
+    fit_minutes: float = 0.0
     # Start a new run from these dashcamd weights (e.g. the shipped ones) instead of random init: the way
     # to continue on a machine where the git-ignored run folder is gone. Optimiser state starts fresh.
     init_weights: str = ""
@@ -77,6 +82,20 @@ class _EpochSampler(torch.utils.data.Sampler):
         return len(self.order)
 
 
+def _single_threaded_worker(_worker_id: int) -> None:
+    """Many loader processes each using every core for OpenCV would fight; one thread each is faster."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def epochs_that_fit(done_here: int, seconds_here: float, budget_s: float, epoch_now: int) -> int:
+    """Planned total epochs when `done_here` epochs took `seconds_here` and `budget_s` is the whole budget:
+    the epochs done so far plus as many more as the mean pace allows (at least the current one)."""
+    per_epoch = seconds_here / max(done_here, 1)
+    return epoch_now + max(0, int((budget_s - seconds_here) / per_epoch))
+
+
 def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sample], resume: bool) -> dict:
     """Train (or continue) the run in cfg.run_dir. Returns the dev metrics of the last epoch run
     (empty when stopped by max_steps).
@@ -86,13 +105,18 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
+    started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
 
     model = model_api.build(cfg.model_size)
     strides, anchors_px = model_api.head_geometry(model)
-    loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES))
+    loss_fn = YoloV5Loss(strides.to(device), anchors_px.to(device), len(CLASS_NAMES))
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     ema = ModelEMA(model)
     # samples (not batches) seen in the current epoch, so a resume may change the batch size.
@@ -102,7 +126,9 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         ema.updates = ckpt["ema_updates"]
-        optimizer.load_state_dict(ckpt["optimizer"])
+        model.to(device)
+        ema.model.to(device)
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         state = ckpt["state"]
         log.info("resumed %s at epoch %d sample %d step %d", last_path, state["epoch"],
                  state["samples_in_epoch"], state["step"])
@@ -111,6 +137,8 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         ema = ModelEMA(model)
         ema.updates = EMA_UPDATES_WHEN_INITIALISED
         log.info("initialised from %s", cfg.init_weights)
+    model.to(device)
+    ema.model.to(device)
 
     dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
 
@@ -121,20 +149,25 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
 
     last_save = time.monotonic()
     metrics: dict = {}
+    first_epoch = state["epoch"]
     while state["epoch"] < cfg.epochs:
         epoch, skip = state["epoch"], state["samples_in_epoch"]
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(len(dataset), cfg.seed, epoch, skip),
             num_workers=cfg.workers, collate_fn=collate, drop_last=False,
-            persistent_workers=False)
+            persistent_workers=False, pin_memory=on_cuda, worker_init_fn=_single_threaded_worker)
         model.train()
-        t_epoch, sums, n = time.monotonic(), torch.zeros(3), 0
+        t_epoch, sums, n = time.monotonic(), torch.zeros(3, device=device), 0
         for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
             progress = epoch + state["samples_in_epoch"] / len(dataset)
             set_lr(optimizer, cfg.lr, lr_factor(progress, cfg.epochs, cfg.warmup_epochs, cfg.final_lr_factor),
                    max(0.0, 1 - progress / cfg.warmup_epochs) if cfg.warmup_epochs else 0.0)
-            loss, parts = loss_fn(model(images), targets, cfg.crop_px)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                preds = model(images)
+            loss, parts = loss_fn([p.float() for p in preds], targets, cfg.crop_px)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)  # a rare huge gradient must not undo hours of CPU
@@ -160,6 +193,9 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         entry = {"epoch": epoch + 1, "step": state["step"], "epoch_s": round(epoch_s, 1),
                  "loss_box_obj_cls": [round(v, 5) for v in (sums / max(n, 1)).tolist()]}
         metrics = {}
+        if cfg.fit_minutes > 0:
+            cfg.epochs = epochs_that_fit(epoch + 1 - first_epoch, time.monotonic() - started,
+                                         cfg.fit_minutes * 60, epoch + 1)
         if dev_samples and ((epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs):
             t_eval = time.monotonic()
             metrics = evaluate(model_api.predictor(ema.model), dev_samples, cfg.eval_size_px)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool): the speed benchmark, then the tests that touch CUDA.
+#
+#   device run, carry [.whl, var/bench/speed_clip.mp4]:  bash bench/gpu_check.sh var/bench/speed_clip.mp4
+#
+# .whl holds Python 3.12 wheels of what that machine lacks (PyAV, pydantic(-settings, -core), structlog,
+# watchdog, sdnotify and their small needs; see bench/README.md). Results go to $OUT (here: var/gpu-out).
+# Environment: REPEATS (3), VARIANTS (see below), BENCH_TIMEOUT / TEST_TIMEOUT (s), DEVICE (auto).
+set -u
+out=${OUT:-var/gpu-out}
+mkdir -p "$out"
+clip=${1:?usage: bench/gpu_check.sh CLIP}
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import av, pydantic_settings, structlog, watchdog, sdnotify" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+python3 -c "import os, torch, av; print('cores', os.cpu_count(), 'torch', torch.__version__, 'cuda',
+torch.cuda.is_available(), 'av', av.__version__)" 2>&1 | tee -a "$out/gpu.txt"
+
+variants=${VARIANTS:-decode copy full batch=16 precision=fp32 size=1280 stride=2 preset=superfast}
+# shellcheck disable=SC2086  # the variant list is meant to split
+timeout "${BENCH_TIMEOUT:-240}" python3 bench/pipeline.py --clip "$clip" --repeats "${REPEATS:-3}" \
+    --device "${DEVICE:-auto}" --timeout-s 60 --json "$out/speed.json" --variants $variants 2>&1 | tee "$out/speed.log"
+
+timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_detect_infer.py \
+    tests/test_pipeline.py tests/test_daemon_e2e.py > "$out/tests.log" 2>&1
+echo "tests exit $?"
+tail -15 "$out/tests.log"
