@@ -430,28 +430,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shown = result.get("error", "")[:300] or (f"{result['fps']:.1f} fps, {result['cpu_ms_per_frame']} "
                                                           f"cpu ms/frame, {result['peak_rss_mb']:.0f} MB")
                 _progress(f"[{repeat + 1}/{args.repeats}] {m.name}: {shown}")
+                if args.json:  # after every run: a run cut short (a lease ending) keeps what it measured
+                    write_json(args.json, selected, runs, clip_info, machine, defaults, args)
         summaries = {name: summarise(r, clip_info["fps"]) for name, r in runs.items()}
-        devices = {r.get("device") for rs in runs.values() for r in rs if r.get("device")}
-        devices |= {r["cuda_device"] for rs in runs.values() for r in rs if r.get("cuda_device")}
-        print_table(selected, summaries, clip_info, machine, devices)
+        print_table(selected, summaries, clip_info, machine, detector_devices(runs))
         print(f"(medians of {args.repeats}; {time.monotonic() - started:.0f} s in all)")
         if args.random_weights:
             print("(random weights: detections are noise, so per-frame redaction work is not representative)")
-        if args.json:
-            args.json.write_text(json.dumps({
-                "clip": clip_info, "machine": machine, "detector_devices": sorted(devices),
-                "defaults": defaults, "repeats": args.repeats, "random_weights": args.random_weights,
-                "measurements": [{"name": m.name, "kind": m.kind, "what": m.what, "overrides": m.overrides,
-                                  "summary": summaries[m.name], "runs": runs[m.name]}
-                                 for m in selected],
-                "full_over_copy": (round(summaries["full"]["fps_median"] / summaries["copy"]["fps_median"], 3)
-                                   if summaries.get("full", {}).get("ok") and summaries.get("copy", {}).get("ok")
-                                   else None),
-            }, indent=1))
         return 0 if all(s.get("ok") == s.get("runs") for s in summaries.values()) else 1
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def detector_devices(runs: dict[str, list[dict]]) -> set[str]:
+    devices = {r.get("device") for rs in runs.values() for r in rs if r.get("device")}
+    return devices | {r["cuda_device"] for rs in runs.values() for r in rs if r.get("cuda_device")}
+
+
+def write_json(path: Path, selected: list[Measurement], runs: dict[str, list[dict]], clip_info: dict,
+               machine: dict, defaults: dict, args: argparse.Namespace) -> None:
+    """Every run so far and the medians of those; "complete" says whether all repeats are in."""
+    done = [m for m in selected if runs[m.name]]
+    summaries = {m.name: summarise(runs[m.name], clip_info["fps"]) for m in done}
+    full, copy = summaries.get("full", {}), summaries.get("copy", {})
+    path.write_text(json.dumps({
+        "clip": clip_info, "machine": machine, "detector_devices": sorted(detector_devices(runs)),
+        "defaults": defaults, "repeats": args.repeats, "random_weights": args.random_weights,
+        "complete": all(len(runs[m.name]) == args.repeats for m in selected),
+        "measurements": [{"name": m.name, "kind": m.kind, "what": m.what, "overrides": m.overrides,
+                          "summary": summaries[m.name], "runs": runs[m.name]} for m in done],
+        "full_over_copy": (round(full["fps_median"] / copy["fps_median"], 3)
+                           if full.get("ok") and copy.get("ok") else None),
+    }, indent=1))
 
 
 def _progress(message: str) -> None:

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -88,3 +90,30 @@ def test_fit_minutes_ends_the_run_inside_its_budget(tmp_path):
     last = torch.load(run / "last.pt", weights_only=False)
     assert last["state"]["epoch"] == 1 and last["config"]["epochs"] == 1
     assert "dev" in last["state"]["history"][-1]
+
+
+def test_a_run_with_loader_workers_and_an_eval_every_epoch_completes(tmp_path):
+    """The path a GPU machine uses: forked loader workers, re-created each epoch after a dev eval that
+    resizes full-size photos in the trainer. It once hung there (OpenCV's thread pool after fork, which
+    the trainer now switches off); the hang was intermittent, so this runs three epochs in a subprocess
+    with a timeout, so that a hang fails the test instead of stalling the suite."""
+    rng = np.random.default_rng(1)
+    plates, faces, labels = tmp_path / "plates_openimages", tmp_path / "faces_unlabelled", tmp_path / "labels"
+    for d in (plates / "images", faces / "images", labels):
+        d.mkdir(parents=True)
+    ann = []
+    for i in range(4):
+        image = rng.integers(0, 255, (720, 960, 3), dtype=np.uint8)
+        image[300:340, 400:520] = 230
+        cv2.imwrite(str(plates / "images" / f"p{i}.jpg"), image)
+        ann.append({"image": f"images/p{i}.jpg", "width": 960, "height": 720, "boxes": [[400, 300, 520, 340, "plate"]]})
+    (plates / "annotations.json").write_text(json.dumps(ann))
+    (labels / "plates_openimages.json").write_text("{}")
+    (labels / "faces_unlabelled.json").write_text("{}")
+    command = [sys.executable, "-m", "dashcamd.train", "fit", "--run-dir", str(tmp_path / "run"),
+               "--plates-dir", str(plates), "--faces-dir", str(faces), "--labels-dir", str(labels),
+               "--batch-size", "2", "--crop-px", "64", "--threads", "2", "--workers", "2", "--device", "cpu",
+               "--epochs", "3", "--eval-every-epochs", "1", "--dev-fraction", "0.5", "--eval-size-px", "640"]
+    subprocess.run(command, check=True, capture_output=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["state"]["epoch"] == 3 and all("dev" in h for h in last["state"]["history"])

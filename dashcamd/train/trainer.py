@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import torch
 
 from . import model_api
@@ -82,13 +83,6 @@ class _EpochSampler(torch.utils.data.Sampler):
         return len(self.order)
 
 
-def _single_threaded_worker(_worker_id: int) -> None:
-    """Many loader processes each using every core for OpenCV would fight; one thread each is faster."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def epochs_that_fit(done_here: int, seconds_here: float, budget_s: float, epoch_now: int) -> int:
     """Planned total epochs when `done_here` epochs took `seconds_here` and `budget_s` is the whole budget:
     the epochs done so far plus as many more as the mean pace allows (at least the current one)."""
@@ -110,6 +104,13 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
     started = time.monotonic()
+    if cfg.workers:
+        # Loader workers are forked every epoch, and OpenCV's thread pool does not survive a fork
+        # (pytorch/pytorch#45198, opencv/opencv#5150). Once the dev eval had resized photos here, a run
+        # hung for good after its first eval (a 16-core GPU machine; once in ~16 tries on 2 cores).
+        # Without threads in OpenCV here there is no pool to inherit, and the workers, which inherit
+        # the setting, no longer fight each other for the cores.
+        cv2.setNumThreads(0)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
@@ -156,7 +157,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(len(dataset), cfg.seed, epoch, skip),
             num_workers=cfg.workers, collate_fn=collate, drop_last=False,
-            persistent_workers=False, pin_memory=on_cuda, worker_init_fn=_single_threaded_worker)
+            persistent_workers=False, pin_memory=on_cuda)
         model.train()
         t_epoch, sums, n = time.monotonic(), torch.zeros(3, device=device), 0
         for images, targets in loader:
