@@ -279,8 +279,8 @@ def score_clip(clip: Clip, boxes_per_frame: list[list[RedactBox]], frame_size: t
         condition = clip.hard.get(index, "normal")
         gt_slices = []
         for gt in truth:
-            x0, x1 = _pixel_span(gt.x1, gt.x2, width)
-            y0, y1 = _pixel_span(gt.y1, gt.y2, height)
+            x0, x1 = pixel_span(gt.x1, gt.x2, width)
+            y0, y1 = pixel_span(gt.y1, gt.y2, height)
             gt_slices.append((x0, y0, x1, y1))
             covered_fraction = float(np.count_nonzero(alpha[y0:y1, x0:x1] >= alpha_min)) / ((x1 - x0) * (y1 - y0))
             covered = covered_fraction >= COVERED_FRACTION
@@ -311,7 +311,7 @@ def score_clip(clip: Clip, boxes_per_frame: list[list[RedactBox]], frame_size: t
     return tally
 
 
-def _pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
+def pixel_span(lo: float, hi: float, limit: int) -> tuple[int, int]:
     """Pixels whose centres lie in [lo, hi), at least one, inside [0, limit)."""
     start = min(max(int(math.floor(lo + 0.5)), 0), limit - 1)
     end = min(max(int(math.floor(hi + 0.5)), start + 1), limit)
