@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
 
-    model = model_api.build(cfg.model_size)
+    model = model_api.build(cfg.model_size).to(device)  # before the optimiser and EMA see its tensors
     strides, anchors_px = model_api.head_geometry(model)
     loss_fn = YoloV5Loss(strides.to(device), anchors_px.to(device), len(CLASS_NAMES))
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -127,8 +127,6 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         ema.updates = ckpt["ema_updates"]
-        model.to(device)
-        ema.model.to(device)
         optimizer.load_state_dict(ckpt["optimizer"])  # moves its state to the parameters' device
         state = ckpt["state"]
         log.info("resumed %s at epoch %d sample %d step %d", last_path, state["epoch"],
@@ -138,8 +136,6 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         ema = ModelEMA(model)
         ema.updates = EMA_UPDATES_WHEN_INITIALISED
         log.info("initialised from %s", cfg.init_weights)
-    model.to(device)
-    ema.model.to(device)
 
     dataset = TrainDataset(train_samples, AugmentConfig(crop_px=cfg.crop_px, **cfg.augment), cfg.seed)
 
