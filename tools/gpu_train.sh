@@ -24,7 +24,7 @@ workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 0 ))
 python3 -m dashcamd.train fit --run-dir "$run" --init weights/dashcamd-n-v1.pt \
     --plates-dir "$data/plates_openimages" --faces-dir "$data/faces_unlabelled" --labels-dir "$data/labels" \
     --device auto --epochs 400 --fit-minutes "${FIT_MINUTES:-4}" --batch-size "${BATCH:-64}" --crop-px 384 \
-    --lr 0.003 --warmup-epochs 3 --eval-every-epochs 5 --workers "$workers" --threads 2 --save-every-min 100 \
+    --lr 0.003 --warmup-epochs 3 --eval-every-epochs 10 --workers "$workers" --threads 2 --save-every-min 100 \
     --augment '{"scale_min": 0.6, "scale_max": 1.8}' ${EXTRA_ARGS:-} > "$out/train.log" 2>&1
 echo "fit exit $?"
 grep "epoch done" "$out/train.log" | tail -3

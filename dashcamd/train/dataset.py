@@ -205,17 +205,20 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, rng: np.r
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Augmented crops. Item: (image float32 (3, S, S) in [0, 1] RGB, targets (M, 5) [cls, x1, y1, x2, y2])."""
+    """Augmented crops, keyed by (epoch, sample index): a fresh but reproducible crop of each photo per
+    epoch. The epoch travels in the key, not in the dataset, because loader workers hold their own copy
+    of the dataset for the whole run. Item: (image float32 (3, S, S) in [0, 1] RGB, targets (M, 5)
+    [cls, x1, y1, x2, y2])."""
 
     def __init__(self, samples: list[Sample], cfg: AugmentConfig, seed: int = 0):
         self.samples, self.cfg, self.seed = samples, cfg, seed
-        self.epoch = 0  # set by the trainer: a fresh but reproducible stream per epoch
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        rng = np.random.default_rng((self.seed, epoch, i))
         s = self.samples[i]
         image, boxes, classes = augment(read_rgb(s.image_path), s.boxes_xyxy, s.classes, rng, self.cfg)
         targets = np.concatenate([classes[:, None].astype(np.float32), boxes], 1)

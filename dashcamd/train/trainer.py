@@ -69,18 +69,23 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """A per-epoch permutation from (seed, epoch), starting at sample `skip`: a mid-epoch resume
-    replays exactly the samples not yet seen."""
+    """Dataset keys (epoch, index) in a per-epoch permutation from (seed, epoch), starting at sample
+    `skip`: a mid-epoch resume replays exactly the samples not yet seen. One sampler serves the whole
+    run (the loader's workers persist); `set_epoch` moves it on."""
 
-    def __init__(self, n: int, seed: int, epoch: int, skip: int):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        self.order = torch.randperm(n, generator=g)[skip:].tolist()
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.keys: list[tuple[int, int]] = []
+
+    def set_epoch(self, epoch: int, skip: int) -> None:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        self.keys = [(epoch, i) for i in torch.randperm(self.n, generator=g)[skip:].tolist()]
 
     def __iter__(self):
-        return iter(self.order)
+        return iter(self.keys)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.keys)
 
 
 def epochs_that_fit(done_here: int, seconds_here: float, budget_s: float, epoch_now: int) -> int:
@@ -105,11 +110,11 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest kernels once
     started = time.monotonic()
     if cfg.workers:
-        # Loader workers are forked every epoch, and OpenCV's thread pool does not survive a fork
-        # (pytorch/pytorch#45198, opencv/opencv#5150). Once the dev eval had resized photos here, a run
-        # hung for good after its first eval (a 16-core GPU machine; once in ~16 tries on 2 cores).
-        # Without threads in OpenCV here there is no pool to inherit, and the workers, which inherit
-        # the setting, no longer fight each other for the cores.
+        # OpenCV's thread pool does not survive a fork (pytorch/pytorch#45198, opencv/opencv#5150): when
+        # workers were forked each epoch, after the dev eval had resized photos here, a run hung for good
+        # after its first eval (a 16-core GPU machine; once in ~16 tries on 2 cores). Workers are now
+        # forked once, before any eval; OpenCV stays single-threaded here all the same, so that the
+        # workers (which inherit the setting) do not fight each other for the cores.
         cv2.setNumThreads(0)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,13 +152,15 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
     last_save = time.monotonic()
     metrics: dict = {}
     first_epoch = state["epoch"]
+    # Workers start once, here, before any dev eval, and live for the whole run: no start-up per epoch
+    # (a GPU epoch takes seconds), and no fork after the eval has started threads in this process.
+    sampler = _EpochSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+        drop_last=False, persistent_workers=cfg.workers > 0, pin_memory=on_cuda)
     while state["epoch"] < cfg.epochs:
-        epoch, skip = state["epoch"], state["samples_in_epoch"]
-        dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(len(dataset), cfg.seed, epoch, skip),
-            num_workers=cfg.workers, collate_fn=collate, drop_last=False,
-            persistent_workers=False, pin_memory=on_cuda)
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch, skip=state["samples_in_epoch"])
         model.train()
         t_epoch, sums, n = time.monotonic(), torch.zeros(3, device=device), 0
         for images, targets in loader:
