@@ -34,6 +34,13 @@ class RedactBox(NamedTuple):
     source: str
 
 
+def enlarged_xyxy(x1: float, y1: float, x2: float, y2: float, factor: float) -> tuple[float, float, float, float]:
+    """The box scaled by ``factor`` about its centre (DashcamCleaner's ROI enlargement)."""
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half_w, half_h = (x2 - x1) * factor / 2, (y2 - y1) * factor / 2
+    return cx - half_w, cy - half_h, cx + half_w, cy + half_h
+
+
 def pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
     """IoU matrix (N, M) of boxes a (N, 4) and b (M, 4), xyxy; empty boxes have IoU 0."""
     lo = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])

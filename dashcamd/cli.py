@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from dashcamd.config import DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, LogSettings, Settings, load_settings
+from dashcamd.config import (DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, LogSettings, RedactSettings, Settings,
+                             load_settings)
 from dashcamd.logs import configure_logging
 
 EXIT_OK = 0
@@ -65,6 +66,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = commands.choices["eval"]
     evaluate.add_argument("--data", type=Path, required=True, help="folder of <set>/annotations.json")
     evaluate.add_argument("--json", type=Path, default=None, dest="json_out", help="also write results here")
+    evaluate.add_argument("--as-redacted", action="store_true",
+                          help="count an object hidden under the detections enlarged by the default "
+                               "[redact] enlarge factors, as the output redacts them (default: as detected)")
 
     export = add("export-onnx", _export_onnx, "export weights to ONNX for another runtime", config=False)
     export.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
@@ -161,8 +165,9 @@ def _eval(args: argparse.Namespace) -> int:
     from dashcamd.detect.commands import run_eval
 
     _log_to_stderr()
+    enlarge = RedactSettings().enlarge if args.as_redacted else None
     return run_eval(args.data, args.weights, args.device, _thresholds(args.threshold), args.inference_size,
-                    json_out=args.json_out)
+                    json_out=args.json_out, enlarge=enlarge)
 
 
 def _export_onnx(args: argparse.Namespace) -> int:

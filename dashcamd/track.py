@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dashcamd.boxes import Detection, RedactBox, pairwise_iou
+from dashcamd.boxes import Detection, RedactBox, enlarged_xyxy, pairwise_iou
 from dashcamd.config import RedactSettings
 
 # Association gates, relative to the boxes: a centre may move at most one mean box diagonal away from
@@ -293,9 +293,8 @@ class TemporalFilter:
         factor = self._settings.enlarge.get(box.label, 1.0)
         if factor == 1.0:
             return box
-        cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
-        half_w, half_h = (box.x2 - box.x1) * factor / 2, (box.y2 - box.y1) * factor / 2
-        return box._replace(x1=cx - half_w, y1=cy - half_h, x2=cx + half_w, y2=cy + half_h)
+        x1, y1, x2, y2 = enlarged_xyxy(box.x1, box.y1, box.x2, box.y2, factor)
+        return box._replace(x1=x1, y1=y1, x2=x2, y2=y2)
 
     @staticmethod
     def _core_boxes(track: _Track, frames: np.ndarray) -> np.ndarray:

@@ -27,6 +27,25 @@ def test_hidden_threshold_79_vs_81_percent() -> None:
     assert (tallies["plate"].gt, tallies["plate"].hidden) == (2, 1)
 
 
+def test_enlarged_detections_hide_more_but_precision_stays_the_detectors() -> None:
+    # The detection spans x 46-94 of the plate's 40-120 (60 %). Enlarged about its centre (70): x1.2 spans
+    # 41.2-98.8 (72 %, still not hidden), x1.5 spans 34-106 (82.5 %, hidden).
+    gt = [[40, 0, 120, 10, "plate"]]
+    detection = [[46, -1, 94, 11, "plate", 0.9]]
+    as_detected: dict[str, ClassTally] = {}
+    tally_image(as_detected, gt, detection)
+    slightly_enlarged: dict[str, ClassTally] = {}
+    tally_image(slightly_enlarged, gt, detection, enlarge={"plate": 1.2})
+    as_redacted: dict[str, ClassTally] = {}
+    tally_image(as_redacted, gt, detection, enlarge={"plate": 1.5, "face": 3.0})
+    assert [t["plate"].hidden for t in (as_detected, slightly_enlarged, as_redacted)] == [0, 0, 1]
+    assert as_redacted["plate"].true_positives == as_detected["plate"].true_positives == 1
+    # A factor for another class leaves this one as detected.
+    other_class: dict[str, ClassTally] = {}
+    tally_image(other_class, gt, detection, enlarge={"face": 3.0})
+    assert other_class["plate"].hidden == 0
+
+
 def test_coverage_is_the_union_not_the_best_box() -> None:
     # Two boxes each cover half of the object (with a 10 % overlap): together 90 %, fractional edges.
     gt = np.array([[10.5, 0, 20.5, 10]])
@@ -116,3 +135,21 @@ def test_run_eval_writes_json_and_skips_unlabelled_sets(tmp_path: Path, capsys) 
     assert face["recall"] == 1.0 and face["gt"] == 1  # the grid model tiles the whole image with faces
     assert 0 < face["precision"] < 1 and metrics["sets"]["widerface_val_subset"]["detect_images_per_s"] > 0
     assert set(metrics["sets"]) == {"widerface_val_subset"}
+    assert metrics["enlarge"] == {}
+
+
+def test_eval_as_redacted_from_the_command_line_records_the_default_factors(tmp_path: Path) -> None:
+    from dashcamd.cli import main as cli_main
+    from dashcamd.config import RedactSettings
+
+    data = tmp_path / "eval"
+    _write_set(data, "widerface_val_subset",
+               [{"image": "images/a.png", "width": 96, "height": 64, "boxes": [[20, 20, 60, 50, "face"]]}])
+    weights = tmp_path / "grid.pt"
+    write_dashcamd_checkpoint(weights, grid_model())
+    out = tmp_path / "metrics.json"
+    assert cli_main(["eval", "--data", str(data), "--weights", str(weights), "--device", "cpu",
+                     "--inference-size", "96", "--threshold", "face=0.5", "--as-redacted", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["enlarge"] == RedactSettings().enlarge == {"plate": 1.2, "face": 1.3}
+    assert metrics["sets"]["widerface_val_subset"]["classes"]["face"]["recall"] == 1.0

@@ -80,8 +80,10 @@ def run_detect(paths: list[str], weights: Path, device: str, json_lines: bool,
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def evaluate_set(detector: Detector, set_dir: Path, exhaustive_classes: set[str]) -> dict[str, Any] | None:
-    """Metrics of one ``<set>/annotations.json`` folder, or None when it has no labelled boxes."""
+def evaluate_set(detector: Detector, set_dir: Path, exhaustive_classes: set[str],
+                 enlarge: Mapping[str, float] | None = None) -> dict[str, Any] | None:
+    """Metrics of one ``<set>/annotations.json`` folder, or None when it has no labelled boxes.
+    ``enlarge``: per-class factors for the hidden rule (see evaluate.py)."""
     records = json.loads((set_dir / "annotations.json").read_text())
     if not any(record.get("boxes") for record in records):
         return None
@@ -101,7 +103,7 @@ def evaluate_set(detector: Detector, set_dir: Path, exhaustive_classes: set[str]
         detections = detector.detect([frame for _, frame in batch])
         detect_s += time.perf_counter() - started
         for (record, _), frame_detections in zip(batch, detections):
-            tally_image(tallies, record["boxes"], [list(det) for det in frame_detections])
+            tally_image(tallies, record["boxes"], [list(det) for det in frame_detections], enlarge)
         evaluated += len(batch)
     return {
         "images": evaluated,
@@ -123,9 +125,10 @@ def _print_set(name: str, result: dict[str, Any]) -> None:
 
 
 def run_eval(data_dir: Path, weights: Path, device: str, thresholds: Mapping[str, float] | None,
-             inference_size: int, json_out: Path | None = None) -> int:
+             inference_size: int, json_out: Path | None = None, enlarge: Mapping[str, float] | None = None) -> int:
     """Evaluate on every ``<set>/annotations.json`` under data_dir (see evaluate.py for the rules);
-    print per set and class, and write the whole result as JSON to ``json_out`` when given."""
+    print per set and class, and write the whole result as JSON to ``json_out`` when given.
+    ``enlarge``: per-class factors applied to the detections before the hidden rule (None: as detected)."""
     data_dir = Path(data_dir)
     set_dirs = sorted(p.parent for p in data_dir.glob("*/annotations.json"))
     if not set_dirs:
@@ -137,10 +140,14 @@ def run_eval(data_dir: Path, weights: Path, device: str, thresholds: Mapping[str
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     results: dict[str, Any] = {"weights": str(weights), "inference_size": inference_size,
-                               "thresholds": dict(thresholds or {}), "device": str(detector.device), "sets": {}}
+                               "thresholds": dict(thresholds or {}), "device": str(detector.device),
+                               "enlarge": dict(enlarge or {}), "sets": {}}
+    if enlarge:
+        print("hidden = >= 80 % under detections enlarged as redacted: "
+              + ", ".join(f"{label} x{factor:g}" for label, factor in enlarge.items()))
     failed = False
     for set_dir in set_dirs:
-        result = evaluate_set(detector, set_dir, EXHAUSTIVE_CLASSES.get(set_dir.name, set()))
+        result = evaluate_set(detector, set_dir, EXHAUSTIVE_CLASSES.get(set_dir.name, set()), enlarge)
         if result is None:
             print(f"{set_dir.name}: no labelled boxes, skipped")
             continue

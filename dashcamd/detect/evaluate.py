@@ -3,7 +3,9 @@ boxes on real objects. Boxes are float xyxy image pixels; arrays are numpy.
 
 Rules:
 - A ground-truth (GT) object is *hidden* when >= 80 % of its area lies inside the union of the predicted
-  boxes of any class (a plate blurred by a "face" box is still hidden).
+  boxes of any class (a plate blurred by a "face" box is still hidden). With per-class enlargement
+  factors, the predicted boxes are first enlarged as the redactor enlarges them: the redactor's fully
+  redacted pixels always include the enlarged box, so this is what the output hides, at the least.
 - A prediction is a *true positive* when it overlaps a GT box of its own class with IoU >= 0.3, or when
   >= 50 % of its own area lies inside one such GT box (a box on a plate's text alone counts).
 """
@@ -11,11 +13,13 @@ Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from dashcamd.boxes import enlarged_xyxy
 
 HIDDEN_MIN_FRACTION = 0.8
 TP_MIN_IOU = 0.3
@@ -96,13 +100,14 @@ def _bucket_labels() -> list[str]:
 
 
 def tally_image(tallies: dict[str, ClassTally], gt_boxes: Iterable[Sequence[Any]],
-                pred_boxes: Iterable[Sequence[Any]]) -> None:
+                pred_boxes: Iterable[Sequence[Any]], enlarge: Mapping[str, float] | None = None) -> None:
     """Add one image. gt_boxes: [x1, y1, x2, y2, label]; pred_boxes: [x1, y1, x2, y2, label, ...].
 
-    Classes missing from ``tallies`` are added.
+    ``enlarge``: per-class factors applied to the predicted boxes for the hidden rule only (precision
+    stays a property of the detector's own boxes). Classes missing from ``tallies`` are added.
     """
     gts, preds = list(gt_boxes), list(pred_boxes)
-    covers = _as_boxes([p[:4] for p in preds])
+    covers = _as_boxes([enlarged_xyxy(*p[:4], (enlarge or {}).get(p[4], 1.0)) for p in preds])
     for label in {g[4] for g in gts} | {p[4] for p in preds}:
         tally = tallies.setdefault(label, ClassTally())
         class_gts = _as_boxes([g[:4] for g in gts if g[4] == label])
