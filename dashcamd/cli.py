@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from dashcamd.config import (DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, LogSettings, RedactSettings, Settings,
-                             load_settings)
+from dashcamd.config import (DEFAULT_CONFIG_PATH, DEFAULT_WEIGHTS, ConfigError, DetectorSettings, LogSettings,
+                             RedactSettings, Settings, load_settings)
 from dashcamd.logs import configure_logging
 
 EXIT_OK = 0
@@ -59,7 +59,8 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument("--device", default="auto")
         command.add_argument("--inference-size", type=int, default=640)
         command.add_argument("--threshold", action="append", default=[], metavar="CLASS=SCORE",
-                             help="per-class confidence threshold, e.g. plate=0.2 (repeatable)")
+                             help="per-class confidence threshold, e.g. plate=0.2 (repeatable; default: "
+                                  "the daemon's [detector] thresholds)")
     detect = commands.choices["detect"]
     detect.add_argument("--json", action="store_true", help="one JSON line per image")
     detect.add_argument("paths", nargs="+", metavar="PATH")
@@ -135,10 +136,10 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _thresholds(pairs: list[str]) -> dict[str, float] | None:
-    if not pairs:
-        return None
-    thresholds = {}
+def _thresholds(pairs: list[str]) -> dict[str, float]:
+    """--threshold CLASS=SCORE pairs over the daemon's default thresholds, so that detect and eval
+    measure what the daemon would redact."""
+    thresholds = dict(DetectorSettings().thresholds)
     for pair in pairs:
         name, _, value = pair.partition("=")
         try:

@@ -138,9 +138,9 @@ def test_run_eval_writes_json_and_skips_unlabelled_sets(tmp_path: Path, capsys) 
     assert metrics["enlarge"] == {}
 
 
-def test_eval_as_redacted_from_the_command_line_records_the_default_factors(tmp_path: Path) -> None:
+def test_eval_command_defaults_to_the_daemons_thresholds_and_records_as_redacted_factors(tmp_path: Path) -> None:
     from dashcamd.cli import main as cli_main
-    from dashcamd.config import RedactSettings
+    from dashcamd.config import DetectorSettings, RedactSettings
 
     data = tmp_path / "eval"
     _write_set(data, "widerface_val_subset",
@@ -149,7 +149,8 @@ def test_eval_as_redacted_from_the_command_line_records_the_default_factors(tmp_
     write_dashcamd_checkpoint(weights, grid_model())
     out = tmp_path / "metrics.json"
     assert cli_main(["eval", "--data", str(data), "--weights", str(weights), "--device", "cpu",
-                     "--inference-size", "96", "--threshold", "face=0.5", "--as-redacted", "--json", str(out)]) == 0
+                     "--inference-size", "96", "--as-redacted", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
+    assert metrics["thresholds"] == DetectorSettings().thresholds == {"plate": 0.1, "face": 0.1}
     assert metrics["enlarge"] == RedactSettings().enlarge == {"plate": 1.2, "face": 1.3}
     assert metrics["sets"]["widerface_val_subset"]["classes"]["face"]["recall"] == 1.0
