@@ -188,6 +188,7 @@ def run_child(spec: dict) -> dict:
         finally:
             output.unlink(missing_ok=True)
         frames = report.frames
+        result["stage_cpu_ms_per_frame"] = report.cpu_ms_per_frame
         result["detections"] = report.detections
         result["redacted_frames"] = report.redacted_frames
     elapsed = time.monotonic() - started
@@ -283,6 +284,10 @@ def summarise(runs: list[dict], clip_fps: float) -> dict:
             summary[key] = statistics.median(r[key] for r in good)
     if "detections" in good[0]:
         summary["detections"] = good[0]["detections"]
+    if "stage_cpu_ms_per_frame" in good[0]:
+        summary["stage_cpu_ms_per_frame"] = {
+            stage: statistics.median(r["stage_cpu_ms_per_frame"][stage] for r in good)
+            for stage in good[0]["stage_cpu_ms_per_frame"]}
     if len(good) < len(runs):
         summary["errors"] = [r["error"] for r in runs if "error" in r]
     return summary
@@ -324,6 +329,15 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
     if full.get("ok") and copy.get("ok"):
         print(f"\nfull / copy limit = {full['fps_median'] / copy['fps_median']:.2f} "
               f"(1.0 = detection and redaction cost nothing on top of decode + encode)")
+    staged = [m for m in measurements if "stage_cpu_ms_per_frame" in summaries[m.name]]
+    if staged:
+        stages = list(summaries[staged[0].name]["stage_cpu_ms_per_frame"])
+        print("\nCPU ms per frame by pipeline thread (medians; other = codec and inference worker threads, "
+              "encoder flush, output check)")
+        print(f"{'measurement':17} " + " ".join(f"{stage:>8}" for stage in stages))
+        for m in staged:
+            by_stage = summaries[m.name]["stage_cpu_ms_per_frame"]
+            print(f"{m.name:17} " + " ".join(f"{by_stage[stage]:>8.1f}" for stage in stages))
 
 
 def clip_description(clip: Path) -> dict:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import structlog
 
@@ -46,6 +46,11 @@ class ClipReport:
     realtime_factor: float
     detections: dict[str, int] = field(default_factory=dict)
     redacted_frames: int = 0
+    # CPU milliseconds per frame by where they went: the decode, detect and encode stages' own threads
+    # (Python and whatever the libraries run on the calling thread), "other" (FFmpeg's and x264's frame
+    # threads, torch's and onnxruntime's worker threads, the encoder flush, the output check) and "total"
+    # (the process, from probe to publish). Where the time goes on a given machine, for the benchmark.
+    cpu_ms_per_frame: dict[str, float] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +90,7 @@ def process_clip(
     Raises InvalidClip (never retry), TransientError / SourceChanged (retry), or whatever the callback
     raises (cancellation). On any failure no partial file is left at ``output``.
     """
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     info = probe(source)
     before = _identity(source)
     if boxes_path is None and settings.output.boxes_sidecar:
@@ -105,12 +110,12 @@ def process_clip(
                   ClipWriter(temp_video, reader, settings.encoder) as writer):
                 boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
                 try:
-                    counts, frames, redacted = _run_stages(reader, writer, settings, detector, on_progress,
-                                                           boxes_file)
+                    done = _run_stages(reader, writer, settings, detector, on_progress, boxes_file)
                 finally:
                     if boxes_file is not None:
                         boxes_file.close()
             publish.verify_output(info, temp_video, frames_dropped=reader.frames_dropped)
+            cpu_total_s = time.process_time() - cpu_started
         except InvalidClip as invalid:
             # A clip rewritten under the reader decodes as garbage; that is a new version to process, not a
             # broken clip to quarantine (found by tests/test_faults.py).
@@ -127,15 +132,17 @@ def process_clip(
             if temp is not None:
                 temp.unlink(missing_ok=True)
     seconds = time.monotonic() - started
-    fps = frames / seconds if seconds > 0 else 0.0
+    fps = done.frames / seconds if seconds > 0 else 0.0
+    cpu_s = {**done.cpu_s, "other": max(0.0, cpu_total_s - sum(done.cpu_s.values())), "total": cpu_total_s}
     return ClipReport(
         output=str(output),
-        frames=frames,
+        frames=done.frames,
         seconds=round(seconds, 3),
         fps=round(fps, 2),
         realtime_factor=round(fps / float(info.avg_fps), 3) if info.avg_fps else 0.0,
-        detections=counts,
-        redacted_frames=redacted,
+        detections=done.counts,
+        redacted_frames=done.redacted,
+        cpu_ms_per_frame={where: round(1000 * s / max(done.frames, 1), 2) for where, s in cpu_s.items()},
     )
 
 
@@ -147,6 +154,13 @@ def _identity(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+class _StagesDone(NamedTuple):
+    counts: dict[str, int]  # detections per class
+    frames: int  # frames written
+    redacted: int  # frames with at least one redacted region
+    cpu_s: dict[str, float]  # CPU seconds of each stage's own thread: decode, detect, encode
+
+
 def _run_stages(
     reader: ClipReader,
     writer: ClipWriter,
@@ -154,8 +168,8 @@ def _run_stages(
     detector,
     on_progress: ProgressCallback | None,
     boxes_file: TextIO | None,
-) -> tuple[dict[str, int], int, int]:
-    """Returns (detections per class, frames written, frames with at least one redacted region)."""
+) -> _StagesDone:
+    detect_cpu_started = time.thread_time()
     info = reader.info
     frames_total = info.frame_count
     temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride)
@@ -166,14 +180,16 @@ def _run_stages(
     failure: list[BaseException] = []
     stop = threading.Event()
     encode_stats = {"frames": 0, "redacted": 0}
+    cpu_s = {"decode": 0.0, "detect": 0.0, "encode": 0.0}
 
     decode_thread = threading.Thread(
-        target=_decode_stage, args=(reader.frames(), decoded, stop, failure), name="dashcamd-decode", daemon=True
+        target=_decode_stage, args=(reader.frames(), decoded, stop, failure, cpu_s), name="dashcamd-decode",
+        daemon=True,
     )
     redactor = Redactor(settings.redact, info.color_matrix)
     encode_thread = threading.Thread(
         target=_encode_stage,
-        args=(redact_queue, writer, redactor, boxes_file, stop, failure, encode_stats),
+        args=(redact_queue, writer, redactor, boxes_file, stop, failure, encode_stats, cpu_s),
         name="dashcamd-encode",
         daemon=True,
     )
@@ -206,11 +222,13 @@ def _run_stages(
         raise failure[0]
     if on_progress is not None:
         on_progress(encode_stats["frames"], frames_total)
-    return counts, encode_stats["frames"], encode_stats["redacted"]
+    cpu_s["detect"] = time.thread_time() - detect_cpu_started
+    return _StagesDone(counts, encode_stats["frames"], encode_stats["redacted"], cpu_s)
 
 
 def _decode_stage(frames: Iterator[DecodedFrame], out: queue.Queue, stop: threading.Event,
-                  failure: list[BaseException]) -> None:
+                  failure: list[BaseException], cpu_s: dict[str, float]) -> None:
+    started = time.thread_time()
     try:
         for frame in frames:
             if not _put(out, frame, stop, failure):
@@ -219,10 +237,14 @@ def _decode_stage(frames: Iterator[DecodedFrame], out: queue.Queue, stop: thread
     except BaseException as error:  # handed to the main thread, which re-raises it
         failure.append(error)
         stop.set()
+    finally:
+        cpu_s["decode"] = time.thread_time() - started
 
 
 def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor, boxes_file: TextIO | None,
-                  stop: threading.Event, failure: list[BaseException], stats: dict[str, int]) -> None:
+                  stop: threading.Event, failure: list[BaseException], stats: dict[str, int],
+                  cpu_s: dict[str, float]) -> None:
+    started = time.thread_time()
     try:
         while True:
             item = _get(in_queue, stop)
@@ -238,6 +260,8 @@ def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor,
     except BaseException as error:
         failure.append(error)
         stop.set()
+    finally:
+        cpu_s["encode"] = time.thread_time() - started
 
 
 def _boxes_line(frame: DecodedFrame, boxes: list[RedactBox]) -> str:

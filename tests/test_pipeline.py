@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import av
@@ -116,3 +117,25 @@ def test_cancellation_leaves_no_file_behind(tmp_path):
     with pytest.raises(Cancelled):
         process_clip(clip, output, _settings(tmp_path), KnownBoxDetector(), on_progress=cancel_midway)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+class BusyDetector(KnownBoxDetector):
+    """Spends 20 ms of its own thread's CPU per frame, so the report must charge it to "detect"."""
+
+    def detect(self, frames_rgb, source_hw=None):
+        for _ in frames_rgb:
+            started = time.thread_time()
+            while time.thread_time() - started < 0.020:
+                pass
+        return super().detect(frames_rgb, source_hw)
+
+
+def test_report_says_where_the_cpu_went(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
+    report = process_clip(clip, tmp_path / "out" / "in.mp4", _settings(tmp_path), BusyDetector())
+    cpu = report.cpu_ms_per_frame
+    assert set(cpu) == {"decode", "detect", "encode", "other", "total"}
+    assert 20.0 <= cpu["detect"] <= cpu["total"]  # the busy loop is charged to the detect stage's thread
+    assert cpu["decode"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
+    stages = cpu["decode"] + cpu["detect"] + cpu["encode"] + cpu["other"]
+    assert abs(stages - cpu["total"]) < 0.05  # the parts add up (rounding)
