@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from dashcamd.train.dataset import FACE, PLATE, AugmentConfig, TrainDataset, augment, collate, load_samples
 
@@ -96,7 +97,7 @@ def test_dataset_items_and_collate(tmp_path):
     train, dev = load_samples(plates, faces, labels, 0.5, 0.0)
     ds = TrainDataset(train, AugmentConfig(crop_px=64))
     images, targets = collate([ds[(0, 0)], ds[(0, 1)], ds[(0, 4)]])
-    assert images.shape == (3, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8
     assert targets.shape[1] == 6 and set(targets[:, 0].tolist()) <= {0.0, 1.0, 2.0}
     first = ds[(0, 0)][0]
     assert not np.array_equal(ds[(1, 0)][0].numpy(), first.numpy())  # another epoch: another crop

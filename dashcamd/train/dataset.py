@@ -207,8 +207,9 @@ def augment(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, rng: np.r
 class TrainDataset(torch.utils.data.Dataset):
     """Augmented crops, keyed by (epoch, sample index): a fresh but reproducible crop of each photo per
     epoch. The epoch travels in the key, not in the dataset, because loader workers hold their own copy
-    of the dataset for the whole run. Item: (image float32 (3, S, S) in [0, 1] RGB, targets (M, 5)
-    [cls, x1, y1, x2, y2])."""
+    of the dataset for the whole run. Item: (image uint8 (3, S, S) RGB, targets (M, 5) [cls, x1, y1, x2, y2]).
+    Images stay uint8 until the trainer's device: a quarter of the bytes through the loader's shared
+    memory, pinning and the copy to a GPU."""
 
     def __init__(self, samples: list[Sample], cfg: AugmentConfig, seed: int = 0):
         self.samples, self.cfg, self.seed = samples, cfg, seed
@@ -222,7 +223,7 @@ class TrainDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         image, boxes, classes = augment(read_rgb(s.image_path), s.boxes_xyxy, s.classes, rng, self.cfg)
         targets = np.concatenate([classes[:, None].astype(np.float32), boxes], 1)
-        return torch.from_numpy(image).permute(2, 0, 1).float().div_(255), torch.from_numpy(targets)
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(targets)
 
 
 def collate(batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
         model.train()
         t_epoch, sums, n = time.monotonic(), torch.zeros(3, device=device), 0
         for images, targets in loader:
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True).float().div_(255)
             targets = targets.to(device, non_blocking=True)
             progress = epoch + state["samples_in_epoch"] / len(dataset)
             set_lr(optimizer, cfg.lr, lr_factor(progress, cfg.epochs, cfg.warmup_epochs, cfg.final_lr_factor),
