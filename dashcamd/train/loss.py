@@ -107,8 +107,9 @@ class YoloV5Loss:
 
     def __init__(self, strides: torch.Tensor, anchors_px: torch.Tensor, num_classes: int,
                  cfg: LossConfig = LossConfig()):
-        self.strides = strides.float()
-        self.anchors_grid = anchors_px.float() / self.strides.view(-1, 1, 1)
+        self.anchors_grid = anchors_px.float() / strides.float().view(-1, 1, 1)
+        # Plain numbers: reading a stride from a GPU tensor every step would wait for the GPU each time.
+        self.strides = strides.float().tolist()
         self.nc, self.cfg = num_classes, cfg
         nl = len(strides)
         self.balance = list(cfg.level_balance) if nl == 3 else [1.0] * nl
@@ -122,7 +123,7 @@ class YoloV5Loss:
         cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
         lbox, lobj, lcls = (torch.zeros((), device=dev) for _ in range(3))
         for i, p in enumerate(preds):
-            stride = float(self.strides[i])
+            stride = self.strides[i]
             t = torch.cat([targets[:, :2], cxcywh / stride], 1)
             a = assign_targets(t, self.anchors_grid[i].to(dev), p.shape[2:4], self.cfg.anchor_ratio_max)
             tobj = torch.zeros(p.shape[:4], device=dev, dtype=p.dtype)

@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
 
     model = model_api.build(cfg.model_size).to(device)  # before the optimiser and EMA see its tensors
     strides, anchors_px = model_api.head_geometry(model)
-    loss_fn = YoloV5Loss(strides.to(device), anchors_px.to(device), len(CLASS_NAMES))
+    loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES))  # the head's buffers: already on the device
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     ema = ModelEMA(model)
     # samples (not batches) seen in the current epoch, so a resume may change the batch size.
