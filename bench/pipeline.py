@@ -80,15 +80,17 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         if threads <= cpus and threads != defaults["threads_resolved"]:
             out.append(Measurement(f"threads={threads}", "full", f"torch CPU threads {threads}",
                                    {"detector": {"torch_threads": threads}}))
-    # Precision: "auto" is fp16 on CUDA and fp32 on the CPU; compare with the other one that device has.
+    # Precision: "auto" is fp16 on CUDA; on the CPU int8 (onnxruntime, weights with int8 ranges), else fp32.
     if cuda and defaults["precision"] != "fp32":
         out.append(Measurement("precision=fp32", "full", "CUDA in fp32 (default fp16)",
                                {"detector": {"precision": "fp32"}}))
     elif cuda:
         out.append(Measurement("precision=fp16", "full", "CUDA in fp16", {"detector": {"precision": "fp16"}}))
-    elif defaults["precision"] != "bf16":
-        out.append(Measurement("precision=bf16", "full", "CPU bf16 autocast, channels_last (default fp32)",
-                               {"detector": {"precision": "bf16"}}))
+    else:
+        for precision, what in (("fp32", "CPU fp32 (default: int8 where the weights have int8 ranges)"),
+                                ("bf16", "CPU bf16 autocast on torch, channels_last")):
+            if defaults["precision"] != precision:
+                out.append(Measurement(f"precision={precision}", "full", what, {"detector": {"precision": precision}}))
     if not cuda:
         out.append(Measurement("runtime=torch", "full", "torch eager on the CPU instead of onnxruntime",
                                {"detector": {"runtime": "torch"}}))

@@ -58,6 +58,8 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
         command.add_argument("--device", default="auto")
         command.add_argument("--inference-size", type=int, default=640)
+        command.add_argument("--precision", default="auto",
+                             help="auto | fp32 | fp16 | bf16 | int8, as [detector] precision (default auto)")
         command.add_argument("--threshold", action="append", default=[], metavar="CLASS=SCORE",
                              help="per-class confidence threshold, e.g. plate=0.2 (repeatable; default: "
                                   "the daemon's [detector] thresholds)")
@@ -159,7 +161,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     _log_to_stderr()
     return run_detect(args.paths, args.weights, args.device, args.json, _thresholds(args.threshold),
-                      args.inference_size)
+                      args.inference_size, precision=args.precision)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -168,7 +170,7 @@ def _eval(args: argparse.Namespace) -> int:
     _log_to_stderr()
     enlarge = RedactSettings().enlarge if args.as_redacted else None
     return run_eval(args.data, args.weights, args.device, _thresholds(args.threshold), args.inference_size,
-                    json_out=args.json_out, enlarge=enlarge)
+                    json_out=args.json_out, enlarge=enlarge, precision=args.precision)
 
 
 def _export_onnx(args: argparse.Namespace) -> int:

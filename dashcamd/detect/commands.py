@@ -50,12 +50,13 @@ def _box_row(det: Detection) -> list[Any]:
 
 
 def run_detect(paths: list[str], weights: Path, device: str, json_lines: bool,
-               thresholds: Mapping[str, float] | None, inference_size: int) -> int:
+               thresholds: Mapping[str, float] | None, inference_size: int, precision: str = "auto") -> int:
     """Detect in images/folders. json_lines: one ``{"image": path, "boxes": [[x1, y1, x2, y2, label,
     score], ...]}`` per image on stdout (frame pixels); otherwise one readable line per image."""
     try:
         images = find_images(paths)
-        detector = Detector(weights, device=device, thresholds=thresholds, inference_size=inference_size)
+        detector = Detector(weights, device=device, thresholds=thresholds, inference_size=inference_size,
+                            precision=precision)
     except (FileNotFoundError, DetectorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -125,7 +126,8 @@ def _print_set(name: str, result: dict[str, Any]) -> None:
 
 
 def run_eval(data_dir: Path, weights: Path, device: str, thresholds: Mapping[str, float] | None,
-             inference_size: int, json_out: Path | None = None, enlarge: Mapping[str, float] | None = None) -> int:
+             inference_size: int, json_out: Path | None = None, enlarge: Mapping[str, float] | None = None,
+             precision: str = "auto") -> int:
     """Evaluate on every ``<set>/annotations.json`` under data_dir (see evaluate.py for the rules);
     print per set and class, and write the whole result as JSON to ``json_out`` when given.
     ``enlarge``: per-class factors applied to the detections before the hidden rule (None: as detected)."""
@@ -135,11 +137,13 @@ def run_eval(data_dir: Path, weights: Path, device: str, thresholds: Mapping[str
         print(f"error: no <set>/annotations.json under {data_dir}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        detector = Detector(weights, device=device, thresholds=thresholds, inference_size=inference_size)
+        detector = Detector(weights, device=device, thresholds=thresholds, inference_size=inference_size,
+                            precision=precision)
     except DetectorError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     results: dict[str, Any] = {"weights": str(weights), "inference_size": inference_size,
+                               "model_precision": detector.precision,
                                "thresholds": dict(thresholds or {}), "device": str(detector.device),
                                "enlarge": dict(enlarge or {}), "sets": {}}
     if enlarge:

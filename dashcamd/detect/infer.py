@@ -190,27 +190,39 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def choose_precision(requested: str, device: torch.device) -> str:
-    """"auto": fp16 on CUDA, fp32 elsewhere. bf16 must be asked for (CPU only): it is about twice as fast
-    on CPUs with native bf16 (AVX512-BF16, AMX) but moves scores slightly; see README for its recall."""
+def choose_precision(requested: str, device: torch.device, runtime: str = "torch", int8_ready: bool = False) -> str:
+    """"auto": fp16 on CUDA; on the CPU int8 where onnxruntime runs weights that have measured int8 ranges
+    (``int8_ready``, see ``dashcamd.detect.quantize``), else fp32. bf16 must be asked for (CPU, torch): it is
+    about twice as fast on CPUs with native bf16 (AVX512-BF16, AMX) but moves scores slightly; see README
+    for the recall of both."""
     if requested == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        return "int8" if runtime == "onnxruntime" and int8_ready else "fp32"
     if requested == "fp16" and device.type != "cuda":
         raise DetectorError("precision fp16 needs a CUDA device")
     if requested == "bf16" and device.type != "cpu":
         raise DetectorError("precision bf16 is for the CPU (use fp16 on CUDA)")
-    if requested not in ("fp32", "fp16", "bf16"):
+    if requested == "int8" and runtime != "onnxruntime":
+        raise DetectorError("precision int8 runs on onnxruntime on the CPU (runtime auto or onnxruntime)")
+    if requested == "int8" and not int8_ready:
+        raise DetectorError("precision int8 needs int8 ranges measured for these weights "
+                            "(python -m dashcamd.train calibrate WEIGHTS)")
+    if requested not in ("fp32", "fp16", "bf16", "int8"):
         raise DetectorError(f"unknown precision {requested!r}")
+    if runtime == "onnxruntime" and requested not in ("fp32", "int8"):
+        raise DetectorError(f"precision {requested} runs on torch, not onnxruntime")
     return requested
 
 
 def choose_runtime(requested: str, device: torch.device, precision: str) -> str:
     """"auto": onnxruntime on the CPU when the ``onnx`` extra is installed and no bf16 was asked for
-    (about twice torch's fp32 speed there, same numbers), torch everywhere else. Logs the choice."""
+    (about twice torch's fp32 speed there, same numbers; int8 only runs there), torch everywhere else.
+    Logs the choice."""
     from dashcamd.detect.onnx_backend import onnxruntime_available
 
     if requested == "auto":
-        if device.type == "cpu" and precision in ("auto", "fp32") and onnxruntime_available():
+        if device.type == "cpu" and precision in ("auto", "fp32", "int8") and onnxruntime_available():
             runtime, reason = "onnxruntime", "auto: cpu and onnxruntime installed"
         else:
             runtime, reason = "torch", "auto: " + ("not the cpu" if device.type != "cpu" else
@@ -262,11 +274,16 @@ class Detector:
         self.iou_threshold = iou_threshold
         self.runtime = "onnxruntime" if self._input_hw is not None else choose_runtime(runtime, self.device,
                                                                                          precision)
+        int8_ranges = None
+        if self.runtime == "onnxruntime" and self._input_hw is None and precision in ("auto", "int8"):
+            from dashcamd.detect.quantize import load_ranges
+
+            int8_ranges = load_ranges(Path(weights))
+        self.precision = choose_precision(precision, self.device, self.runtime, int8_ready=int8_ranges is not None)
         if self.runtime == "onnxruntime" and self._input_hw is None:
             from dashcamd.detect.onnx_backend import OnnxRuntimeModel
 
-            model = OnnxRuntimeModel(model)
-        self.precision = "fp32" if self.runtime == "onnxruntime" else choose_precision(precision, self.device)
+            model = OnnxRuntimeModel(model, int8_ranges=int8_ranges if self.precision == "int8" else None)
         # fp16 weights on CUDA; bf16 on CPU runs fp32 weights under autocast (convs in bf16).
         self._dtype = torch.float16 if self.precision == "fp16" else torch.float32
         self._channels_last = self.precision in ("fp16", "bf16")

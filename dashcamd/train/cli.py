@@ -1,4 +1,5 @@
-"""Command line of `python -m dashcamd.train` (and `dashcamd train`): `fit` a run, `export` its weights."""
+"""Command line of `python -m dashcamd.train` (and `dashcamd train`): `fit` a run, `export` its weights, choose
+their `thresholds`, `calibrate` their int8 ranges."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="lowest dev precision (IoU 0.5) a chosen threshold may have")
     thr.add_argument("--inference-size", type=int, default=640)
     _add_data_options(thr)
+
+    cal = sub.add_parser("calibrate", help="measure int8 activation ranges of weights on training photos "
+                                           "(writes WEIGHTS with suffix .int8.json)")
+    cal.add_argument("weights", type=Path)
+    cal.add_argument("--images", type=int, default=128, help="training photos to measure on")
+    _add_data_options(cal)
     return ap
 
 
@@ -85,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
                                   args.face_min_score, args.dev_fraction)
     if args.command == "thresholds":
         return _print_thresholds(args, dev_s)
+    if args.command == "calibrate":
+        from .calibrate import calibrate
+
+        document = calibrate(args.weights, train_s, args.images)
+        print(json.dumps({key: document[key] for key in ("weights_sha256", "images", "onnxruntime", "size_px")}))
+        return 0
 
     from .trainer import TrainConfig, train
 

@@ -1,0 +1,118 @@
+"""int8 on the CPU: ranges measured once by `train calibrate`, used by the detector without any image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dashcamd.config import DetectorSettings
+from dashcamd.detect import Detector
+from dashcamd.detect.errors import CheckpointError, DetectorError
+from dashcamd.detect.infer import choose_precision
+from dashcamd.detect.onnx_backend import OnnxRuntimeModel
+from dashcamd.detect.quantize import load_ranges, ranges_path
+from dashcamd.train.calibrate import calibrate
+from dashcamd.train.dataset import Sample
+from detect_helpers import one_torch_thread, random_model, write_dashcamd_checkpoint  # noqa: F401
+
+CPU = torch.device("cpu")
+
+
+def _photos(folder: Path, count: int = 6) -> list[Sample]:
+    """Smooth random pictures (a blurred noise field): activations like a photo's, not like white noise."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(count):
+        small = rng.integers(0, 255, (12, 16, 3), np.uint8)
+        path = folder / f"photo{i}.png"
+        cv2.imwrite(str(path), cv2.resize(small, (160, 120), interpolation=cv2.INTER_CUBIC))
+        samples.append(Sample(path, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """Random tiny weights with ranges measured on six pictures; (weights path, fp32 reference model)."""
+    folder = tmp_path_factory.mktemp("int8")
+    weights = folder / "tiny.pt"
+    reference = write_dashcamd_checkpoint(weights, random_model(seed=5))
+    document = calibrate(weights, _photos(folder / "photos"), count=6, size_px=96)
+    assert document["images"] == 6 and ranges_path(weights).is_file()
+    return weights, reference
+
+
+def test_int8_model_output_stays_close_to_fp32(calibrated) -> None:
+    weights, reference = calibrated
+    int8 = OnnxRuntimeModel(reference, threads=1, int8_ranges=load_ranges(weights))
+    image = cv2.imread(str(weights.parent / "photos" / "photo0.png"))[:, :, ::-1].copy()
+    x = torch.from_numpy(cv2.resize(image, (128, 96))).permute(2, 0, 1)[None].float() / 255  # another shape
+    with torch.inference_mode():
+        expected, got = reference(x), int8(x)
+    assert got.shape == expected.shape
+    scores_error = (got[..., 4:] - expected[..., 4:]).abs()
+    assert scores_error.max() < 0.03 and scores_error.mean() < 0.005
+    # Boxes are decoded in fp32 from int8 convolutions: within a few pixels, not the 2.5 px steps of an
+    # int8 decode (which would show as a large mean error).
+    box_error = (got[..., :4] - expected[..., :4]).abs()
+    assert box_error.mean() < 0.5 and box_error.max() < 8.0
+
+
+def test_auto_precision_is_int8_only_for_weights_with_their_own_ranges(calibrated, tmp_path) -> None:
+    weights, _ = calibrated
+    detector = Detector(weights, device="cpu", inference_size=96)
+    assert (detector.runtime, detector.precision) == ("onnxruntime", "int8")
+    frame = np.zeros((90, 160, 3), np.uint8)
+    int8_found = detector.detect([frame])[0]
+    assert isinstance(int8_found, list)
+
+    uncalibrated = tmp_path / "other.pt"
+    write_dashcamd_checkpoint(uncalibrated, random_model(seed=6))
+    assert Detector(uncalibrated, device="cpu", inference_size=96).precision == "fp32"
+    with pytest.raises(DetectorError, match="calibrate"):
+        Detector(uncalibrated, device="cpu", precision="int8")
+
+    # Ranges copied beside different weights are not theirs: fp32 again, never wrong ranges.
+    ranges_path(uncalibrated).write_bytes(ranges_path(weights).read_bytes())
+    assert load_ranges(uncalibrated) is None
+    assert Detector(uncalibrated, device="cpu", inference_size=96).precision == "fp32"
+
+    ranges_path(uncalibrated).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        Detector(uncalibrated, device="cpu")
+    ranges_path(uncalibrated).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(CheckpointError, match="not a"):
+        Detector(uncalibrated, device="cpu")
+
+
+def test_precision_choice() -> None:
+    cuda = torch.device("cuda")
+    assert choose_precision("auto", cuda) == "fp16"
+    assert choose_precision("auto", CPU, "onnxruntime", int8_ready=True) == "int8"
+    assert choose_precision("auto", CPU, "onnxruntime", int8_ready=False) == "fp32"
+    assert choose_precision("auto", CPU, "torch", int8_ready=True) == "fp32"
+    assert choose_precision("int8", CPU, "onnxruntime", int8_ready=True) == "int8"
+    assert choose_precision("fp32", CPU, "onnxruntime", int8_ready=True) == "fp32"
+    for requested, runtime, ready, message in (("int8", "torch", True, "onnxruntime"),
+                                                ("bf16", "onnxruntime", False, "torch"),
+                                                ("fp16", "onnxruntime", False, "CUDA"),
+                                                ("int4", "onnxruntime", True, "unknown")):
+        with pytest.raises(DetectorError, match=message):
+            choose_precision(requested, CPU, runtime, int8_ready=ready)
+
+
+def test_shipped_weights_come_with_their_int8_ranges() -> None:
+    """Weights re-exported without `python -m dashcamd.train calibrate` would silently run in fp32
+    (half the CPU speed): this catches it, and checks the shipped ranges still quantize a 16:9 shape."""
+    weights = DetectorSettings().weights
+    assert load_ranges(weights) is not None, f"run: python -m dashcamd.train calibrate {weights}"
+    detector = Detector(weights, device="cpu", thresholds={"plate": 0.1, "face": 0.1})
+    assert detector.precision == "int8"
+    frame = np.full((360, 640, 3), 128, np.uint8)
+    (found,) = detector.detect([frame], source_hw=(1080, 1920))
+    assert all(d.label in ("plate", "face") for d in found)
