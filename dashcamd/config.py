@@ -91,8 +91,9 @@ class DetectorSettings(_Section):
     inference_size: int = Field(default=640, ge=64, le=4096, description="long side the detector sees")
     batch_size: int = Field(default=4, ge=1, le=256)
     iou_threshold: Fraction01 = 0.45
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        default="auto", description="auto = fp16 on CUDA, fp32 elsewhere; bf16 = CPU autocast"
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
+        default="auto", description="auto = fp16 on CUDA; on the CPU int8 (onnxruntime, weights with int8 "
+                                    "ranges), else fp32; bf16 = CPU autocast"
     )
     runtime: Literal["auto", "torch", "onnxruntime"] = Field(
         default="auto", description="auto = onnxruntime on the CPU when installed, torch otherwise"
