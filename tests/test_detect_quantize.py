@@ -90,6 +90,25 @@ def test_auto_precision_is_int8_only_for_weights_with_their_own_ranges(calibrate
         Detector(uncalibrated, device="cpu")
 
 
+def test_ranges_that_do_not_fit_the_export_mean_fp32_under_auto_and_an_error_when_int8_is_asked(
+        calibrated, tmp_path, capsys) -> None:
+    """As after a torch upgrade whose exporter names tensors differently: found at start-up, not per clip."""
+    weights, _ = calibrated
+    stale = tmp_path / "stale.pt"
+    stale.write_bytes(weights.read_bytes())
+    document = json.loads(ranges_path(weights).read_text())
+    data = document["ranges"]["data"]
+    for name in [n for n in data if n.startswith("/model.0/")]:
+        del data[name]
+    ranges_path(stale).write_text(json.dumps(document))
+    detector = Detector(stale, device="cpu", inference_size=96)
+    assert detector.precision == "fp32"
+    assert "detector_int8_unavailable" in capsys.readouterr().out
+    assert isinstance(detector.detect([np.zeros((90, 160, 3), np.uint8)])[0], list)
+    with pytest.raises(DetectorError, match="do not fit"):
+        Detector(stale, device="cpu", inference_size=96, precision="int8")
+
+
 def test_precision_choice() -> None:
     cuda = torch.device("cuda")
     assert choose_precision("auto", cuda) == "fp16"
