@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -107,6 +108,21 @@ def test_ranges_that_do_not_fit_the_export_mean_fp32_under_auto_and_an_error_whe
     assert isinstance(detector.detect([np.zeros((90, 160, 3), np.uint8)])[0], list)
     with pytest.raises(DetectorError, match="do not fit"):
         Detector(stale, device="cpu", inference_size=96, precision="int8")
+
+
+def test_int8_start_up_leaves_no_file_behind(calibrated, tmp_path, monkeypatch) -> None:
+    """Quantizing goes through files (onnxruntime's API takes paths): they live in a temporary folder
+    that is removed, and nothing lands in the working directory (under systemd that is read-only /)."""
+    weights, _ = calibrated
+    cwd, temp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    detector = Detector(weights, device="cpu", inference_size=96)
+    detector.detect([np.zeros((120, 90, 3), np.uint8)])  # a second shape, quantized on first use
+    assert detector.precision == "int8"
+    assert list(cwd.iterdir()) == [] and list(temp.iterdir()) == []
 
 
 def test_precision_choice() -> None:
