@@ -450,7 +450,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="take detector/redact settings from this dashcamd config")
     parser.add_argument("--inference-size", type=int, default=0, help="detector input long side (0: settings)")
     parser.add_argument("--device", help="cpu | cuda | auto (default: settings)")
-    parser.add_argument("--precision", help="detector precision: auto | fp32 | fp16 | bf16 (default: settings)")
+    parser.add_argument("--precision", help="detector precision: auto | fp32 | fp16 | bf16 | int8 (default: settings)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: all cores; nothing else runs beside the detector here)")
     parser.add_argument("--memory", type=int, default=3, help="frame_memory of the 'memory' variant")
