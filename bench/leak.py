@@ -107,10 +107,16 @@ def make_clips(entries: list[dict], work: Path, seconds: float, fps: int, size: 
 
 
 def _detection_key(settings: Settings) -> str:
-    """What the cached detections depend on: the weights' bytes and the detector settings."""
+    """What the cached detections depend on: the weights' bytes, their int8 ranges (precision "auto" is
+    int8 on the CPU only where those exist) and the detector settings."""
+    from dashcamd.detect.quantize import ranges_path
+
     d = settings.detector
     digest = hashlib.sha256(Path(d.weights).read_bytes()).hexdigest()[:16]
-    return json.dumps({"weights": digest, "size": d.inference_size, "thresholds": d.thresholds,
+    ranges = ranges_path(Path(d.weights))
+    ranges_digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:16] if ranges.is_file() else None
+    return json.dumps({"weights": digest, "int8_ranges": ranges_digest, "size": d.inference_size,
+                       "thresholds": d.thresholds,
                        "iou": d.iou_threshold, "device": d.device, "precision": d.precision,
                        "resize": "decoder-area"}, sort_keys=True)
 
