@@ -60,7 +60,8 @@ def export_bytes(model: YoloV5, input_hw: tuple[int, int]) -> bytes:
         # not a dependency; this small static graph exports the same with either.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (torch.zeros(1, 3, *input_hw),), target, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model, (torch.zeros(1, 3, *input_hw),), target, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
     return target.getvalue()
