@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import structlog.testing
 import torch
 
 from dashcamd.config import DetectorSettings
@@ -92,7 +93,7 @@ def test_auto_precision_is_int8_only_for_weights_with_their_own_ranges(calibrate
 
 
 def test_ranges_that_do_not_fit_the_export_mean_fp32_under_auto_and_an_error_when_int8_is_asked(
-        calibrated, tmp_path, capsys) -> None:
+        calibrated, tmp_path) -> None:
     """As after a torch upgrade whose exporter names tensors differently: found at start-up, not per clip."""
     weights, _ = calibrated
     stale = tmp_path / "stale.pt"
@@ -102,9 +103,10 @@ def test_ranges_that_do_not_fit_the_export_mean_fp32_under_auto_and_an_error_whe
     for name in [n for n in data if n.startswith("/model.0/")]:
         del data[name]
     ranges_path(stale).write_text(json.dumps(document))
-    detector = Detector(stale, device="cpu", inference_size=96)
+    with structlog.testing.capture_logs() as logged:
+        detector = Detector(stale, device="cpu", inference_size=96)
     assert detector.precision == "fp32"
-    assert "detector_int8_unavailable" in capsys.readouterr().out
+    assert [e["running"] for e in logged if e["event"] == "detector_int8_unavailable"] == ["fp32"]
     assert isinstance(detector.detect([np.zeros((90, 160, 3), np.uint8)])[0], list)
     with pytest.raises(DetectorError, match="do not fit"):
         Detector(stale, device="cpu", inference_size=96, precision="int8")
