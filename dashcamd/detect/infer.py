@@ -284,7 +284,7 @@ class Detector:
             from dashcamd.detect.onnx_backend import OnnxRuntimeModel
 
             if self.precision == "int8":
-                model = self._int8_model(model, int8_ranges, weights, explicit=precision == "int8")
+                model, self.precision = self._int8_model(model, int8_ranges, weights, explicit=precision == "int8")
             else:
                 model = OnnxRuntimeModel(model)
         # fp16 weights on CUDA; bf16 on CPU runs fp32 weights under autocast (convs in bf16).
@@ -298,23 +298,22 @@ class Detector:
         log.info("detector_loaded", weights=str(weights), names=self.names, inference_size=inference_size,
                  precision=self.precision, runtime=self.runtime)
 
-    def _int8_model(self, model, int8_ranges, weights: Path, explicit: bool):
-        """The int8 onnxruntime model, with the usual dashcam shape (16:9) quantized now: ranges that do
-        not fit the export (a torch whose exporter names tensors differently) show at start-up, not on every
-        clip. Then asked-for int8 is an error; "auto" logs why and runs fp32."""
+    def _int8_model(self, model, int8_ranges, weights: Path, explicit: bool) -> tuple[torch.nn.Module, str]:
+        """(model, precision): the int8 onnxruntime model, with the usual dashcam shape (16:9) quantized now,
+        so ranges that do not fit the export (a torch whose exporter names tensors differently) show at
+        start-up, not on every clip. Then asked-for int8 is an error; "auto" logs why and runs fp32."""
         from dashcamd.detect.onnx_backend import OnnxRuntimeModel
 
         int8 = OnnxRuntimeModel(model, int8_ranges=int8_ranges)
         usual = letterbox_geometry(1080, 1920, self.inference_size)
         try:
             int8.prepare((usual.input_h, usual.input_w))
-            return int8
+            return int8, "int8"
         except Exception as e:  # onnxruntime's quantizer raises untyped errors
             if explicit:
                 raise DetectorError(f"int8 ranges of {weights} do not fit this model's export: {e}") from e
             log.warning("detector_int8_unavailable", weights=str(weights), error=str(e), running="fp32")
-            self.precision = "fp32"
-            return OnnxRuntimeModel(model)
+            return OnnxRuntimeModel(model), "fp32"
 
     def resized_size(self, frame_h: int, frame_w: int) -> tuple[int, int]:
         """(height, width) a frame of this size is shrunk to inside the letterbox: the size to hand

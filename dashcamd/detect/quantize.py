@@ -28,6 +28,7 @@ from dashcamd.detect.model import YoloV5
 FORMAT = "dashcamd-int8-ranges"
 SUFFIX = ".int8.json"
 INPUT_NAME = "images"
+RANGES_CACHE = "ranges.json"  # onnxruntime's own range cache, inside a temporary folder
 
 
 def ranges_path(weights: Path) -> Path:
@@ -55,7 +56,7 @@ def decode_scope(model: YoloV5) -> str:
 def measure_ranges(fp32_onnx: bytes, scope: str, images: Iterable[np.ndarray], weights: Path) -> dict[str, Any]:
     """Activation ranges (min/max) of the fp32 export over ``images`` (float32 (1, 3, H, W) in [0, 1]),
     as the document ``write_ranges`` stores. ``scope``: ``decode_scope`` of the exported model."""
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader
 
     class _Images(CalibrationDataReader):
         def __init__(self) -> None:
@@ -71,11 +72,9 @@ def measure_ranges(fp32_onnx: bytes, scope: str, images: Iterable[np.ndarray], w
 
     reader = _Images()
     with tempfile.TemporaryDirectory(prefix="dashcamd-int8-") as tmp:
-        model_path, cache_path = _prepared(fp32_onnx, Path(tmp)), Path(tmp) / "ranges.json"
         # Quantizing once is the supported way to have onnxruntime write its range cache.
-        quantize_static(model_path, Path(tmp) / "int8.onnx", reader, calibration_cache_path=cache_path,
-                        **_quantize_options(), nodes_to_exclude=_decode_nodes(model_path, scope))
-        ranges = json.loads(cache_path.read_text())
+        _quantize_in(Path(tmp), fp32_onnx, scope, reader)
+        ranges = json.loads((Path(tmp) / RANGES_CACHE).read_text())
     if reader.count == 0:
         raise ValueError("no calibration images")
     import onnxruntime
@@ -110,15 +109,25 @@ def load_ranges(weights: Path) -> dict[str, Any] | None:
 
 def quantize(fp32_onnx: bytes, scope: str, document: dict[str, Any]) -> bytes:
     """The int8 (QDQ) model for one exported shape, from the stored ranges: no image needed."""
-    from onnxruntime.quantization import quantize_static
-
     with tempfile.TemporaryDirectory(prefix="dashcamd-int8-") as tmp:
-        model_path = _prepared(fp32_onnx, Path(tmp))
-        cache_path, out_path = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
-        cache_path.write_text(json.dumps(document["ranges"]))
-        quantize_static(model_path, out_path, None, calibration_cache_path=cache_path,
-                        **_quantize_options(), nodes_to_exclude=_decode_nodes(model_path, scope))
-        return out_path.read_bytes()
+        (Path(tmp) / RANGES_CACHE).write_text(json.dumps(document["ranges"]))
+        return _quantize_in(Path(tmp), fp32_onnx, scope, None)
+
+
+def _quantize_in(folder: Path, fp32_onnx: bytes, scope: str, reader: Any) -> bytes:
+    """The one quantization recipe, run in ``folder``: with a calibration ``reader`` it measures the ranges
+    and leaves them in ``folder / RANGES_CACHE``; with None it takes them from there. Returns the int8 model.
+
+    Per-channel int8 weights and uint8 activations, as onnxruntime's quantization guide recommends for x86
+    CPUs; QDQ so that the graph stays an ordinary ONNX model; the box decoding excluded (``decode_scope``).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    model_path, out_path = _prepared(fp32_onnx, folder), folder / "int8.onnx"
+    quantize_static(model_path, out_path, reader, calibration_cache_path=folder / RANGES_CACHE,
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=_decode_nodes(model_path, scope))
+    return out_path.read_bytes()
 
 
 def _prepared(fp32_onnx: bytes, folder: Path) -> Path:
@@ -143,11 +152,3 @@ def _decode_nodes(model_path: Path, scope: str) -> list[str]:
         raise CheckpointError(f"no ONNX nodes under {scope!r}: cannot keep the box decoding in fp32")
     return nodes
 
-
-def _quantize_options() -> dict[str, Any]:
-    from onnxruntime.quantization import QuantFormat, QuantType
-
-    # Per-channel int8 weights and uint8 activations, as onnxruntime's quantization guide recommends for
-    # x86 CPUs; QDQ so that the graph stays an ordinary ONNX model.
-    return {"quant_format": QuantFormat.QDQ, "per_channel": True,
-            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8}
