@@ -16,8 +16,8 @@ from dashcamd.config import DetectorSettings
 from dashcamd.detect import Detector
 from dashcamd.detect.errors import CheckpointError, DetectorError
 from dashcamd.detect.infer import choose_precision
-from dashcamd.detect.onnx_backend import OnnxRuntimeModel
-from dashcamd.detect.quantize import load_ranges, ranges_path
+from dashcamd.detect.onnx_backend import OnnxRuntimeModel, export_bytes
+from dashcamd.detect.quantize import head_scope, load_ranges, quantize, ranges_path
 from dashcamd.train.calibrate import calibrate
 from dashcamd.train.dataset import Sample
 from detect_helpers import one_torch_thread, random_model, write_dashcamd_checkpoint  # noqa: F401
@@ -63,6 +63,23 @@ def test_int8_model_output_stays_close_to_fp32(calibrated) -> None:
     # int8 decode (which would show as a large mean error).
     box_error = (got[..., :4] - expected[..., :4]).abs()
     assert box_error.mean() < 0.5 and box_error.max() < 8.0
+
+
+def test_only_the_detect_head_stays_fp32(calibrated) -> None:
+    """Quantizing the head's output convolutions cost dev-split AP (see ``head_scope``): in the int8 graph
+    every convolution outside the head reads dequantized int8 weights, none inside it does."""
+    import onnx
+
+    weights, reference = calibrated
+    scope = head_scope(reference)
+    graph = onnx.load_from_string(quantize(export_bytes(reference, (96, 96)), scope, load_ranges(weights))).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    head = [conv for conv in convs if conv.name.startswith(scope)]
+    body = [conv for conv in convs if not conv.name.startswith(scope)]
+    assert len(head) == 3 and body
+    assert not any(conv.input[1] in dequantized for conv in head)
+    assert all(conv.input[1] in dequantized for conv in body)
 
 
 def test_auto_precision_is_int8_only_for_weights_with_their_own_ranges(calibrated, tmp_path) -> None:

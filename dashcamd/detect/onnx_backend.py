@@ -110,7 +110,7 @@ class OnnxRuntimeModel(nn.Module):
             if self._int8_ranges is not None:
                 from dashcamd.detect import quantize
 
-                graph = quantize.quantize(graph, quantize.decode_scope(self._model), self._int8_ranges)
+                graph = quantize.quantize(graph, quantize.head_scope(self._model), self._int8_ranges)
             session = self._sessions[input_hw] = _session(graph, self._threads)
         return session
 

@@ -44,18 +44,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def decode_scope(model: YoloV5) -> str:
+def head_scope(model: YoloV5) -> str:
     """ONNX name prefix of the Detect head's nodes (the exporter names them after the module path).
 
-    The box decoding after the head's convolutions (sigmoid, grid offsets, anchor scaling) stays fp32:
-    in int8, decoded pixel coordinates from 0 to 640 would move in steps of 2.5 px.
+    The whole head stays fp32: its three 1x1 output convolutions (logits) and the box decoding after them
+    (sigmoid, grid offsets, anchor scaling). In int8, decoded pixel coordinates from 0 to 640 would move in
+    steps of 2.5 px; and quantizing the output convolutions cost 0.05 plate AP50 on the training run's dev
+    split (0.456 against fp32's 0.507; fp32 head: 0.498) while keeping them fp32 costs ~0.4 ms a frame.
     """
     return f"/model.{len(model.model) - 1}/"
 
 
 def measure_ranges(fp32_onnx: bytes, scope: str, images: Iterable[np.ndarray], weights: Path) -> dict[str, Any]:
     """Activation ranges (min/max) of the fp32 export over ``images`` (float32 (1, 3, H, W) in [0, 1]),
-    as the document ``write_ranges`` stores. ``scope``: ``decode_scope`` of the exported model."""
+    as the document ``write_ranges`` stores. ``scope``: ``head_scope`` of the exported model."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Images(CalibrationDataReader):
@@ -119,14 +121,14 @@ def _quantize_in(folder: Path, fp32_onnx: bytes, scope: str, reader: Any) -> byt
     and leaves them in ``folder / RANGES_CACHE``; with None it takes them from there. Returns the int8 model.
 
     Per-channel int8 weights and uint8 activations, as onnxruntime's quantization guide recommends for x86
-    CPUs; QDQ so that the graph stays an ordinary ONNX model; the box decoding excluded (``decode_scope``).
+    CPUs; QDQ so that the graph stays an ordinary ONNX model; the Detect head excluded (``head_scope``).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     model_path, out_path = _prepared(fp32_onnx, folder), folder / "int8.onnx"
     quantize_static(model_path, out_path, reader, calibration_cache_path=folder / RANGES_CACHE,
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=_decode_nodes(model_path, scope))
+                    weight_type=QuantType.QInt8, nodes_to_exclude=_head_nodes(model_path, scope))
     return out_path.read_bytes()
 
 
@@ -143,12 +145,11 @@ def _prepared(fp32_onnx: bytes, folder: Path) -> Path:
     return prepared
 
 
-def _decode_nodes(model_path: Path, scope: str) -> list[str]:
+def _head_nodes(model_path: Path, scope: str) -> list[str]:
     import onnx
 
     graph = onnx.load(str(model_path)).graph
-    nodes = [node.name for node in graph.node if node.name.startswith(scope) and node.op_type != "Conv"]
-    if not nodes:  # an exporter that names nodes differently would otherwise quantize the decoding
-        raise CheckpointError(f"no ONNX nodes under {scope!r}: cannot keep the box decoding in fp32")
+    nodes = [node.name for node in graph.node if node.name.startswith(scope)]
+    if not nodes:  # an exporter that names nodes differently would otherwise quantize the head
+        raise CheckpointError(f"no ONNX nodes under {scope!r}: cannot keep the Detect head in fp32")
     return nodes
-

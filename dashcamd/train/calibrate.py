@@ -22,13 +22,13 @@ def calibrate(weights: Path, samples: Sequence[Sample], count: int, size_px: int
     from dashcamd.detect.checkpoint import load_model
     from dashcamd.detect.model import YoloV5
     from dashcamd.detect.onnx_backend import export_bytes
-    from dashcamd.detect.quantize import decode_scope, measure_ranges, ranges_path, write_ranges
+    from dashcamd.detect.quantize import head_scope, measure_ranges, ranges_path, write_ranges
 
     model = load_model(weights)
     if not isinstance(model, YoloV5):
         raise ValueError(f"{weights}: calibration needs torch weights, not an ONNX file")
     picked = list(samples)[::max(1, len(samples) // count)][:count]
-    document = measure_ranges(export_bytes(model.float().eval(), (size_px, size_px)), decode_scope(model),
+    document = measure_ranges(export_bytes(model.float().eval(), (size_px, size_px)), head_scope(model),
                               _model_inputs(picked, size_px), weights)
     document["size_px"] = size_px
     document["photos"] = [sample.image_path.name for sample in picked]
