@@ -1,8 +1,12 @@
 """One clip, start to finish: decode → detect (batched) → track → redact → encode → verify → publish.
 
-Three threads overlap the stages: the reader decodes ahead, this thread runs the detector and the
-temporal filter, the writer thread redacts and encodes. Bounded queues between them keep memory flat:
-at most the tracker's look-ahead plus a few batches of frames are alive at any time.
+Four threads overlap the stages: the reader decodes ahead, this thread runs the detector and the
+temporal filter, a third redacts, the writer encodes. Redaction has a thread of its own because with the
+detector on a GPU the busiest single thread, not the cores, bounds the speed: redacting and encoding on one
+thread took ~4 ms a frame on the 2-core machine, which the GPU host (~1.75x slower a frame) would have
+stretched to ~7 (README, "On a lent NVIDIA H200"; not yet measured there).
+Bounded queues between the stages keep memory flat: at most the tracker's look-ahead plus a few batches
+of frames are alive at any time.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class ClipReport:
     realtime_factor: float
     detections: dict[str, int] = field(default_factory=dict)
     redacted_frames: int = 0
-    # CPU milliseconds per frame by where they went: the decode, detect and encode stages' own threads
+    # CPU milliseconds per frame by where they went: the decode, detect, redact and encode stages' own threads
     # (Python and whatever the libraries run on the calling thread), "other" (FFmpeg's and x264's frame
     # threads, torch's and onnxruntime's worker threads, the encoder flush, the output check) and "total"
     # (the process, from probe to publish). Where the time goes on a given machine, for the benchmark.
@@ -158,7 +162,7 @@ class _StagesDone(NamedTuple):
     counts: dict[str, int]  # detections per class
     frames: int  # frames written
     redacted: int  # frames with at least one redacted region
-    cpu_s: dict[str, float]  # CPU seconds of each stage's own thread: decode, detect, encode
+    cpu_s: dict[str, float]  # CPU seconds of each stage's own thread: decode, detect, redact, encode
 
 
 def _run_stages(
@@ -177,24 +181,24 @@ def _run_stages(
     source_hw = (info.height, info.width)
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     redact_queue: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    encode_queue: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     failure: list[BaseException] = []
     stop = threading.Event()
     encode_stats = {"frames": 0, "redacted": 0}
-    cpu_s = {"decode": 0.0, "detect": 0.0, "encode": 0.0}
+    cpu_s = {"decode": 0.0, "detect": 0.0, "redact": 0.0, "encode": 0.0}
 
-    decode_thread = threading.Thread(
-        target=_decode_stage, args=(reader.frames(), decoded, stop, failure, cpu_s), name="dashcamd-decode",
-        daemon=True,
-    )
     redactor = Redactor(settings.redact, info.color_matrix)
-    encode_thread = threading.Thread(
-        target=_encode_stage,
-        args=(redact_queue, writer, redactor, boxes_file, stop, failure, encode_stats, cpu_s),
-        name="dashcamd-encode",
-        daemon=True,
-    )
-    decode_thread.start()
-    encode_thread.start()
+    threads = [
+        threading.Thread(target=_decode_stage, args=(reader.frames(), decoded, stop, failure, cpu_s),
+                         name="dashcamd-decode", daemon=True),
+        threading.Thread(target=_redact_stage,
+                         args=(redact_queue, encode_queue, redactor, boxes_file, stop, failure, cpu_s),
+                         name="dashcamd-redact", daemon=True),
+        threading.Thread(target=_encode_stage, args=(encode_queue, writer, stop, failure, encode_stats, cpu_s),
+                         name="dashcamd-encode", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
     counts = {name: 0 for name in detector.names}
     window: dict[int, DecodedFrame] = {}
     try:
@@ -212,12 +216,12 @@ def _run_stages(
                 on_progress(batch[-1].index + 1, frames_total)
         _hand_over(temporal.flush(), window, redact_queue, stop, failure)
         _put(redact_queue, _END, stop, failure)
-        encode_thread.join()
-        decode_thread.join()
+        for thread in threads:
+            thread.join()
     finally:
         stop.set()
-        encode_thread.join()
-        decode_thread.join()
+        for thread in threads:
+            thread.join()
     if failure:
         raise failure[0]
     if on_progress is not None:
@@ -241,9 +245,30 @@ def _decode_stage(frames: Iterator[DecodedFrame], out: queue.Queue, stop: thread
         cpu_s["decode"] = time.thread_time() - started
 
 
-def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor, boxes_file: TextIO | None,
-                  stop: threading.Event, failure: list[BaseException], stats: dict[str, int],
-                  cpu_s: dict[str, float]) -> None:
+def _redact_stage(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, boxes_file: TextIO | None,
+                  stop: threading.Event, failure: list[BaseException], cpu_s: dict[str, float]) -> None:
+    started = time.thread_time()
+    try:
+        while True:
+            item = _get(in_queue, stop)
+            if item is None:
+                return
+            if item is not _END:
+                frame, boxes = item
+                redactor.apply(frame.picture, boxes)
+                if boxes_file is not None:
+                    boxes_file.write(_boxes_line(frame, boxes))
+            if not _put(out, item, stop, failure) or item is _END:
+                return
+    except BaseException as error:
+        failure.append(error)
+        stop.set()
+    finally:
+        cpu_s["redact"] = time.thread_time() - started
+
+
+def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, stop: threading.Event, failure: list[BaseException],
+                  stats: dict[str, int], cpu_s: dict[str, float]) -> None:
     started = time.thread_time()
     try:
         while True:
@@ -251,12 +276,9 @@ def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, redactor: Redactor,
             if item is _END or item is None:
                 return
             frame, boxes = item
-            redactor.apply(frame.picture, boxes)
             writer.write(frame.picture, frame.pts)
             stats["frames"] += 1
             stats["redacted"] += bool(boxes)
-            if boxes_file is not None:
-                boxes_file.write(_boxes_line(frame, boxes))
     except BaseException as error:
         failure.append(error)
         stop.set()

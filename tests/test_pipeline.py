@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
 from dashcamd.pipeline import process_clip
+from dashcamd.redact import Redactor
 from tests.media_factory import make_clip
 
 BOX = (96.0, 64.0, 224.0, 176.0)  # inside a 320x240 frame
@@ -119,6 +121,30 @@ def test_cancellation_leaves_no_file_behind(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_failing_stage_stops_the_others_and_leaves_no_file(tmp_path, monkeypatch):
+    """Redaction runs on a thread of its own: its error must reach the caller, with every stage thread
+    ended and no output or sidecar left."""
+    clip = make_clip(tmp_path / "in.mp4", width=160, height=96, seconds=2.0)
+    output = tmp_path / "out" / "in.mp4"
+
+    class RedactionBroke(Exception):
+        pass
+
+    calls = []
+
+    def apply(self, picture, boxes):
+        calls.append(len(boxes))
+        if len(calls) == 10:
+            raise RedactionBroke()
+
+    monkeypatch.setattr(Redactor, "apply", apply)
+    with pytest.raises(RedactionBroke):
+        process_clip(clip, output, _settings(tmp_path), KnownBoxDetector(), boxes_path=tmp_path / "out" / "b.jsonl")
+    assert len(calls) == 10
+    assert not [t for t in threading.enumerate() if t.name.startswith("dashcamd-")]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 class BusyDetector(KnownBoxDetector):
     """Spends 20 ms of its own thread's CPU per frame, so the report must charge it to "detect"."""
 
@@ -134,8 +160,8 @@ def test_report_says_where_the_cpu_went(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
     report = process_clip(clip, tmp_path / "out" / "in.mp4", _settings(tmp_path), BusyDetector())
     cpu = report.cpu_ms_per_frame
-    assert set(cpu) == {"decode", "detect", "encode", "other", "total"}
+    assert set(cpu) == {"decode", "detect", "redact", "encode", "other", "total"}
     assert 20.0 <= cpu["detect"] <= cpu["total"]  # the busy loop is charged to the detect stage's thread
-    assert cpu["decode"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
-    stages = cpu["decode"] + cpu["detect"] + cpu["encode"] + cpu["other"]
+    assert cpu["decode"] > 0 and cpu["redact"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
+    stages = cpu["decode"] + cpu["detect"] + cpu["redact"] + cpu["encode"] + cpu["other"]
     assert abs(stages - cpu["total"]) < 0.05  # the parts add up (rounding)
