@@ -188,14 +188,12 @@ def _run_stages(
     cpu_s = {"decode": 0.0, "detect": 0.0, "redact": 0.0, "encode": 0.0}
 
     redactor = Redactor(settings.redact, info.color_matrix)
+    frames = reader.frames()
     threads = [
-        threading.Thread(target=_decode_stage, args=(reader.frames(), decoded, stop, failure, cpu_s),
-                         name="dashcamd-decode", daemon=True),
-        threading.Thread(target=_redact_stage,
-                         args=(redact_queue, encode_queue, redactor, boxes_file, stop, failure, cpu_s),
-                         name="dashcamd-redact", daemon=True),
-        threading.Thread(target=_encode_stage, args=(encode_queue, writer, stop, failure, encode_stats, cpu_s),
-                         name="dashcamd-encode", daemon=True),
+        _stage_thread("decode", lambda: _decode_frames(frames, decoded, stop, failure), stop, failure, cpu_s),
+        _stage_thread("redact", lambda: _redact_frames(redact_queue, encode_queue, redactor, boxes_file, stop, failure),
+                      stop, failure, cpu_s),
+        _stage_thread("encode", lambda: _encode_frames(encode_queue, writer, stop, encode_stats), stop, failure, cpu_s),
     ]
     for thread in threads:
         thread.start()
@@ -230,60 +228,56 @@ def _run_stages(
     return _StagesDone(counts, encode_stats["frames"], encode_stats["redacted"], cpu_s)
 
 
-def _decode_stage(frames: Iterator[DecodedFrame], out: queue.Queue, stop: threading.Event,
-                  failure: list[BaseException], cpu_s: dict[str, float]) -> None:
-    started = time.thread_time()
-    try:
-        for frame in frames:
-            if not _put(out, frame, stop, failure):
-                return
-        _put(out, _END, stop, failure)
-    except BaseException as error:  # handed to the main thread, which re-raises it
-        failure.append(error)
-        stop.set()
-    finally:
-        cpu_s["decode"] = time.thread_time() - started
+def _stage_thread(name: str, body: Callable[[], None], stop: threading.Event, failure: list[BaseException],
+                  cpu_s: dict[str, float]) -> threading.Thread:
+    """A thread named ``dashcamd-<name>`` that runs ``body``: an error is handed to the main thread (which
+    re-raises it) and stops the other stages; the thread's CPU seconds go to ``cpu_s[name]``."""
+
+    def run() -> None:
+        started = time.thread_time()
+        try:
+            body()
+        except BaseException as error:
+            failure.append(error)
+            stop.set()
+        finally:
+            cpu_s[name] = time.thread_time() - started
+
+    return threading.Thread(target=run, name=f"dashcamd-{name}", daemon=True)
 
 
-def _redact_stage(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, boxes_file: TextIO | None,
-                  stop: threading.Event, failure: list[BaseException], cpu_s: dict[str, float]) -> None:
-    started = time.thread_time()
-    try:
-        while True:
-            item = _get(in_queue, stop)
-            if item is None:
-                return
-            if item is not _END:
-                frame, boxes = item
-                redactor.apply(frame.picture, boxes)
-                if boxes_file is not None:
-                    boxes_file.write(_boxes_line(frame, boxes))
-            if not _put(out, item, stop, failure) or item is _END:
-                return
-    except BaseException as error:
-        failure.append(error)
-        stop.set()
-    finally:
-        cpu_s["redact"] = time.thread_time() - started
+def _decode_frames(frames: Iterator[DecodedFrame], out: queue.Queue, stop: threading.Event,
+                   failure: list[BaseException]) -> None:
+    for frame in frames:
+        if not _put(out, frame, stop, failure):
+            return
+    _put(out, _END, stop, failure)
 
 
-def _encode_stage(in_queue: queue.Queue, writer: ClipWriter, stop: threading.Event, failure: list[BaseException],
-                  stats: dict[str, int], cpu_s: dict[str, float]) -> None:
-    started = time.thread_time()
-    try:
-        while True:
-            item = _get(in_queue, stop)
-            if item is _END or item is None:
-                return
+def _redact_frames(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, boxes_file: TextIO | None,
+                   stop: threading.Event, failure: list[BaseException]) -> None:
+    while True:
+        item = _get(in_queue, stop)
+        if item is None:
+            return
+        if item is not _END:
             frame, boxes = item
-            writer.write(frame.picture, frame.pts)
-            stats["frames"] += 1
-            stats["redacted"] += bool(boxes)
-    except BaseException as error:
-        failure.append(error)
-        stop.set()
-    finally:
-        cpu_s["encode"] = time.thread_time() - started
+            redactor.apply(frame.picture, boxes)
+            if boxes_file is not None:
+                boxes_file.write(_boxes_line(frame, boxes))
+        if not _put(out, item, stop, failure) or item is _END:
+            return
+
+
+def _encode_frames(in_queue: queue.Queue, writer: ClipWriter, stop: threading.Event, stats: dict[str, int]) -> None:
+    while True:
+        item = _get(in_queue, stop)
+        if item is _END or item is None:
+            return
+        frame, boxes = item
+        writer.write(frame.picture, frame.pts)
+        stats["frames"] += 1
+        stats["redacted"] += bool(boxes)
 
 
 def _boxes_line(frame: DecodedFrame, boxes: list[RedactBox]) -> str:
