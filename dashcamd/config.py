@@ -85,7 +85,7 @@ class DetectorSettings(_Section):
     weights: Path = Field(default=DEFAULT_WEIGHTS, description="dashcamd, YOLOv5 .pt or .onnx file")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
     thresholds: dict[str, Fraction01] = Field(
-        default_factory=lambda: {"plate": 0.10, "face": 0.05},
+        default_factory=lambda: {"plate": 0.05, "face": 0.05},
         description="per-class confidence thresholds",
     )
     inference_size: int = Field(default=640, ge=64, le=4096, description="long side the detector sees")

@@ -151,6 +151,6 @@ def test_eval_command_defaults_to_the_daemons_thresholds_and_records_as_redacted
     assert cli_main(["eval", "--data", str(data), "--weights", str(weights), "--device", "cpu",
                      "--inference-size", "96", "--as-redacted", "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["thresholds"] == DetectorSettings().thresholds == {"plate": 0.1, "face": 0.05}
+    assert metrics["thresholds"] == DetectorSettings().thresholds == {"plate": 0.05, "face": 0.05}
     assert metrics["enlarge"] == RedactSettings().enlarge == {"plate": 1.2, "face": 1.3}
     assert metrics["sets"]["widerface_val_subset"]["classes"]["face"]["recall"] == 1.0
