@@ -1,10 +1,10 @@
 """One clip, start to finish: decode → detect (batched) → track → redact → encode → verify → publish.
 
 Four threads overlap the stages: the reader decodes ahead, this thread runs the detector and the
-temporal filter, a third redacts, the writer encodes. Redaction has a thread of its own because with the
-detector on a GPU the busiest single thread, not the cores, bounds the speed: redacting and encoding on one
-thread took ~4 ms a frame on the 2-core machine, which the GPU host (~1.75x slower a frame) would have
-stretched to ~7 (README, "On a lent NVIDIA H200"; not yet measured there).
+temporal filter, a third redacts, the writer encodes. Redaction has a thread of its own so that no thread
+carries two stages' Python work: with the detector on a GPU, one busy thread rather than the cores can bound
+the speed. On an H200 it did not raise the frame rate (README, "On a lent NVIDIA H200"); it costs nothing
+measurable on two cores.
 Bounded queues between the stages keep memory flat: at most the tracker's look-ahead plus a few batches
 of frames are alive at any time.
 """
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+import cv2
 import structlog
 
 from dashcamd import publish
@@ -60,14 +61,26 @@ class ClipReport:
         return asdict(self)
 
 
-def load_detector(settings: Settings):
-    """Build the detector once per process, with CPU threads that leave room for the encoder."""
+def size_thread_pools(settings: Settings) -> None:
+    """Size this process's library thread pools for the pipeline, whose stages already run in parallel.
+
+    torch: the configured count, else one core fewer than the machine (room for the encoder).
+    OpenCV: one thread. Redaction calls it on small regions only, where waking a pool buys little and
+    its busy-waiting workers burn the encoder's CPU: 5 boxes on a 1080p frame took 1.3-1.7 ms of CPU
+    single-threaded and 2.4-3.1 ms with OpenCV's 2 threads on the 2-core machine (wall 1.3-1.7 vs
+    1.2-1.6 ms); a pool per core on a 16-core GPU host wakes 16 threads per call.
+    """
     import torch
 
+    torch.set_num_threads(settings.detector.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+    cv2.setNumThreads(1)
+
+
+def load_detector(settings: Settings):
+    """Build the detector once per process, after sizing the thread pools (``size_thread_pools``)."""
     from dashcamd.detect import Detector
 
-    threads = settings.detector.torch_threads or max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(threads)
+    size_thread_pools(settings)
     return Detector(
         settings.detector.weights,
         device=settings.detector.device,

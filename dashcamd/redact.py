@@ -155,10 +155,13 @@ class Redactor:
 
     def apply(self, picture: Picture, boxes: Sequence[RedactBox]) -> None:
         """Redact ``boxes`` (frame pixels, xyxy) in ``picture``, in place: each plane at its own scale,
-        so chroma gets the same shapes, blur and mosaic relative to the box as luma."""
-        for plane, subsampling, solid in zip(picture.planes(), PLANE_SUBSAMPLING, self._solid_yuv):
-            plane_boxes = boxes if subsampling == 1 else [_scaled(box, 1 / subsampling) for box in boxes]
-            self.apply_to_image(plane, plane_boxes, solid)
+        so chroma gets the same shapes, blur and mosaic relative to the box as luma. U and V share one
+        scale, so they share each box's region and mask (the mask is the costliest step)."""
+        luma, *chroma = picture.planes()
+        luma_fill, *chroma_fills = self._solid_yuv
+        chroma_scale = 1 / PLANE_SUBSAMPLING[1]
+        self._apply_to_planes([luma], boxes, [luma_fill])
+        self._apply_to_planes(chroma, [_scaled(box, chroma_scale) for box in boxes], chroma_fills)
 
     def apply_to_image(self, image: np.ndarray, boxes: Sequence[RedactBox],
                        solid: int | tuple[int, ...] | None = None) -> None:
@@ -168,19 +171,25 @@ class Redactor:
         """
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"image must be uint8 (H, W) or (H, W, C), got {image.dtype} {image.shape}")
-        fill = np.asarray(self._solid_rgb if solid is None else solid, dtype=np.uint8)
-        frame_size = (image.shape[1], image.shape[0])
+        self._apply_to_planes([image], boxes, [self._solid_rgb if solid is None else solid])
+
+    def _apply_to_planes(self, images: Sequence[np.ndarray], boxes: Sequence[RedactBox],
+                         fills: Sequence[int | tuple[int, ...]]) -> None:
+        """Redact ``boxes`` in each of ``images`` (same size), filling ``fills[i]`` in mode "solid"."""
+        fill_arrays = [np.asarray(fill, dtype=np.uint8) for fill in fills]
+        frame_size = (images[0].shape[1], images[0].shape[0])
         for box in boxes:
             region = plan_region(box, frame_size, self._feather)
             if region is None:
                 continue
-            patch = image[region.y0 : region.y1, region.x0 : region.x1]
-            effect = self._effect(patch, region, fill)
-            if region.hard_rectangle:
-                patch[...] = effect
-                continue
-            alpha = region_alpha(region)  # one weight per pixel, whatever the channel count
-            patch[...] = cv2.blendLinear(patch, effect, 1.0 - alpha, alpha)
+            alpha = None if region.hard_rectangle else region_alpha(region)  # one weight a pixel, any channels
+            for image, fill in zip(images, fill_arrays):
+                patch = image[region.y0 : region.y1, region.x0 : region.x1]
+                effect = self._effect(patch, region, fill)
+                if alpha is None:
+                    patch[...] = effect
+                else:
+                    patch[...] = cv2.blendLinear(patch, effect, 1.0 - alpha, alpha)
 
     def _effect(self, patch: np.ndarray, region: Region, fill: np.ndarray) -> np.ndarray:
         roi_h, roi_w = patch.shape[:2]

@@ -12,7 +12,7 @@ import pytest
 
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
-from dashcamd.pipeline import process_clip
+from dashcamd.pipeline import process_clip, size_thread_pools
 from dashcamd.redact import Redactor
 from tests.media_factory import make_clip
 
@@ -165,3 +165,18 @@ def test_report_says_where_the_cpu_went(tmp_path):
     assert cpu["decode"] > 0 and cpu["redact"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
     stages = cpu["decode"] + cpu["detect"] + cpu["redact"] + cpu["encode"] + cpu["other"]
     assert abs(stages - cpu["total"]) < 0.05  # the parts add up (rounding)
+
+
+def test_thread_pools_are_sized_for_the_pipeline(tmp_path):
+    import cv2
+    import torch
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        size_thread_pools(_settings(tmp_path, detector={"torch_threads": 1}))
+        assert cv2.getNumThreads() == 1  # redaction's small regions run on the redact thread alone
+        assert torch.get_num_threads() == 1  # the configured count
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])
