@@ -11,11 +11,9 @@ out=${OUT:-var/gpu-out}
 mkdir -p "$out"
 clip=${1:?usage: bench/gpu_check.sh CLIP}
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import av, pydantic_settings, structlog, watchdog, sdnotify" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+# shellcheck source=tools/device_wheels.sh
+. tools/device_wheels.sh
+use_carried_wheels "import av, pydantic_settings, structlog, watchdog, sdnotify" .whl || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 python3 -c "import os, torch, av; print('cores', os.cpu_count(), 'torch', torch.__version__, 'cuda',
 torch.cuda.is_available(), 'av', av.__version__)" 2>&1 | tee -a "$out/gpu.txt"

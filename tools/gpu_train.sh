@@ -14,11 +14,9 @@ mkdir -p "$out"
 data=${DATA:-var/gpu_data}
 run=${RUN_DIR:-/tmp/dashcamd-gpu-run}
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import structlog" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        var/whl-train/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
+# shellcheck source=tools/device_wheels.sh
+. tools/device_wheels.sh
+use_carried_wheels "import structlog" var/whl-train || exit 1
 workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 0 ))
 # shellcheck disable=SC2086  # EXTRA_ARGS is meant to split
 python3 -m dashcamd.train fit --run-dir "$run" --init weights/dashcamd-n-v1.pt \
