@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dashcamd.config import RedactSettings
-from dashcamd.picture import PLANE_SUBSAMPLING, Picture
+from dashcamd.picture import PLANE_SUBSAMPLING, Picture, limited_range_yuv
 from dashcamd.redact import Redactor, region_mask
 from dashcamd.track import RedactBox
 
@@ -187,6 +187,23 @@ def test_picture_planes_are_redacted_each_at_its_own_scale(label):
         scaled = box(b.x1 / subsampling, b.y1 / subsampling, b.x2 / subsampling, b.y2 / subsampling, label)
         untouched = outside_reach(label, scaled, RedactSettings().feather)[:plane.shape[0], :plane.shape[1]]
         assert (plane[untouched] == before[untouched]).all()
+
+
+@pytest.mark.parametrize("mode", ["blur", "pixelate", "solid"])
+def test_a_picture_is_redacted_as_if_each_plane_were_redacted_alone(mode):
+    """U and V share each box's region and mask; the result is still each plane's own redaction."""
+    settings = RedactSettings(mode=mode, solid_color=(200, 30, 60))
+    picture = _picture_of(noise())
+    expected = [plane.copy() for plane in picture.planes()]
+    boxes = [box(101, 81, 199, 131, "plate"), box(30, 21, 91, 100, "face")]
+    redactor = Redactor(settings)
+    redactor.apply(picture, boxes)
+    fills = limited_range_yuv(settings.solid_color, "bt709")
+    for plane, alone, subsampling, fill in zip(picture.planes(), expected, PLANE_SUBSAMPLING, fills):
+        scaled = [box(b.x1 / subsampling, b.y1 / subsampling, b.x2 / subsampling, b.y2 / subsampling, b.label)
+                  for b in boxes]
+        redactor.apply_to_image(alone, scaled, fill)
+        assert np.array_equal(plane, alone)
 
 
 @pytest.mark.parametrize("matrix", ["bt709", "bt601"])
