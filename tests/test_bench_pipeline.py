@@ -1,0 +1,66 @@
+"""The speed benchmark's ``replay`` measurement (bench/pipeline.py): the detector's answers recorded in one
+``process_clip`` are handed back unchanged, call for call, without running the detector again."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from dashcamd.config import load_settings
+from dashcamd.detect import Detection
+from dashcamd.pipeline import process_clip
+from tests.media_factory import make_clip
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "pipeline.py"
+
+
+def _bench_pipeline():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class MovingPlateDetector:
+    """A plate that moves 3 px a call, so each frame's answer differs; counts the frames it is shown."""
+
+    names = ["plate", "face"]
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.frames_seen = 0
+
+    def resized_size(self, frame_h, frame_w):
+        return None
+
+    def detect(self, frames_rgb, source_hw=None):
+        out = []
+        for _ in frames_rgb:
+            x = 20.0 + 3 * self.frames_seen
+            out.append([Detection(x, 40.0, x + 60.0, 70.0, "plate", 0.9)])
+            self.frames_seen += 1
+        return out
+
+
+def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_path):
+    bench = _bench_pipeline()
+    clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
+    settings = load_settings(None, {
+        "paths": {"watch": [str(tmp_path)], "output": str(tmp_path / "out"), "state": str(tmp_path / "s")},
+        "detector": {"detection_stride": 2, "batch_size": 3}})
+    detector = MovingPlateDetector()
+    replay = bench._ReplayDetector(detector)
+    replay.record(clip, tmp_path / "out" / "record.mp4", settings)
+    shown = detector.frames_seen
+    assert shown == 15  # 30 frames, stride 2
+    assert not (tmp_path / "out" / "record.mp4").exists()
+
+    replayed = process_clip(clip, tmp_path / "out" / "replayed.mp4", settings, replay,
+                            boxes_path=tmp_path / "replayed.jsonl")
+    fresh = process_clip(clip, tmp_path / "out" / "fresh.mp4", settings, MovingPlateDetector(),
+                         boxes_path=tmp_path / "fresh.jsonl")
+    assert detector.frames_seen == shown  # nothing ran the detector again
+    assert replayed.detections == fresh.detections == {"plate": 15, "face": 0}
+    assert (tmp_path / "replayed.jsonl").read_text() == (tmp_path / "fresh.jsonl").read_text()
