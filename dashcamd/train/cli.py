@@ -1,5 +1,5 @@
 """Command line of `python -m dashcamd.train` (and `dashcamd train`): `fit` a run, `export` its weights, choose
-their `thresholds`, `calibrate` their int8 ranges."""
+their `thresholds`, `calibrate` their int8 ranges, measure them on `cut-plates`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("weights", type=Path)
     cal.add_argument("--images", type=int, default=128, help="training photos to measure on")
     _add_data_options(cal)
+
+    cut = sub.add_parser("cut-plates", help="share of dev plates still hidden when the photo's bottom edge cuts "
+                                            "them, with the daemon's default detector settings")
+    cut.add_argument("weights", type=Path)
+    _add_data_options(cut)
     return ap
 
 
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.face_min_score, args.dev_fraction)
     if args.command == "thresholds":
         return _print_thresholds(args, dev_s)
+    if args.command == "cut-plates":
+        return _print_cut_plates(args, dev_s)
     if args.command == "calibrate":
         from .calibrate import calibrate
 
@@ -136,4 +143,22 @@ def _print_thresholds(args: argparse.Namespace, dev_samples: list) -> int:
             print(f"  {p.threshold:.2f} {p.precision:.3f} {p.recall:.3f}")
         chosen[name] = choose(points, args.min_precision).threshold
     print(json.dumps({"chosen": chosen, "min_precision": args.min_precision}))
+    return 0
+
+
+def _print_cut_plates(args: argparse.Namespace, dev_samples: list) -> int:
+    from dashcamd.config import DetectorSettings, RedactSettings
+    from dashcamd.detect import Detector
+
+    from .cut_plates import cut_plate_recall
+
+    defaults = DetectorSettings()
+    detector = Detector(args.weights, device="cpu", thresholds=defaults.thresholds,
+                        inference_size=defaults.inference_size, batch_size=1, precision=defaults.precision)
+    tallies = cut_plate_recall(detector, dev_samples, RedactSettings().enlarge)
+    print(f"visible  plates  hidden  as redacted   ({args.weights}, {detector.precision}, dev split)")
+    for fraction, t in tallies.items():
+        print(f"{fraction:>7.2f} {t['plates']:>7} {t['hidden'] / max(t['plates'], 1):>7.3f} "
+              f"{t['hidden_as_redacted'] / max(t['plates'], 1):>12.3f}")
+    print(json.dumps({str(fraction): t for fraction, t in tallies.items()}))
     return 0
