@@ -1,9 +1,13 @@
-"""Test helpers shared by the queue and watcher tests: condition polling instead of sleeps, a fake clock."""
+"""Test helpers shared by several tests: condition polling instead of sleeps, a fake clock, bench scripts."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -36,3 +40,14 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (bench/ holds scripts, not a package). It is registered in
+    ``sys.modules`` first: dataclasses look their defining module up there."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

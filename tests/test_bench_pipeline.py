@@ -3,24 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
 from dashcamd.pipeline import process_clip
+from tests.helpers import load_bench_script
 from tests.media_factory import make_clip
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "pipeline.py"
-
-
-def _bench_pipeline():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 class MovingPlateDetector:
@@ -45,7 +32,7 @@ class MovingPlateDetector:
 
 
 def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_path):
-    bench = _bench_pipeline()
+    bench = load_bench_script("pipeline")
     clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
     settings = load_settings(None, {
         "paths": {"watch": [str(tmp_path)], "output": str(tmp_path / "out"), "state": str(tmp_path / "s")},

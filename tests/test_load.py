@@ -4,26 +4,16 @@ once, every junk file named like a clip is quarantined once and everything else 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from tests.daemon_harness import make_random_weights
+from tests.helpers import load_bench_script
 
 pytestmark = pytest.mark.slow
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "load.py"
-
-
-def _bench_load():
-    spec = importlib.util.spec_from_file_location("bench_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_backlog_with_junk_survives_a_restart_and_is_processed_exactly_once(tmp_path):
-    load = _bench_load()
+    load = load_bench_script("load")
     weights = make_random_weights(tmp_path / "random.pt")
     report = load.run_load(tmp_path / "run", clips=12, junk=150, seconds=3.0, timeout_s=120.0, weights=weights)
     print(report)
