@@ -1,4 +1,4 @@
-"""Test helpers shared by several tests: condition polling instead of sleeps, a fake clock, bench scripts."""
+"""Test helpers shared by several tests: condition polling instead of sleeps, a fake clock, scripts as modules."""
 
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ class FakeClock:
         self.now += seconds
 
 
-def load_bench_script(name: str) -> ModuleType:
-    """``bench/<name>.py`` as a module (bench/ holds scripts, not a package). It is registered in
-    ``sys.modules`` first: dataclasses look their defining module up there."""
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (``bench/pipeline.py``, ``tools/label_faces.py``: folders of scripts, not
+    packages) as a module. It is registered in ``sys.modules`` first: dataclasses look their defining
+    module up there."""
+    path = Path(__file__).resolve().parent.parent / relative_path
+    spec = importlib.util.spec_from_file_location(path.parent.name + "_" + path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
 from dashcamd.pipeline import process_clip
-from tests.helpers import load_bench_script
+from tests.helpers import load_script
 from tests.media_factory import make_clip
 
 
@@ -32,7 +32,7 @@ class MovingPlateDetector:
 
 
 def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_path):
-    bench = load_bench_script("pipeline")
+    bench = load_script("bench/pipeline.py")
     clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
     settings = load_settings(None, {
         "paths": {"watch": [str(tmp_path)], "output": str(tmp_path / "out"), "state": str(tmp_path / "s")},

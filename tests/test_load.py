@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from tests.daemon_harness import make_random_weights
-from tests.helpers import load_bench_script
+from tests.helpers import load_script
 
 pytestmark = pytest.mark.slow
 
 
 def test_backlog_with_junk_survives_a_restart_and_is_processed_exactly_once(tmp_path):
-    load = load_bench_script("load")
+    load = load_script("bench/load.py")
     weights = make_random_weights(tmp_path / "random.pt")
     report = load.run_load(tmp_path / "run", clips=12, junk=150, seconds=3.0, timeout_s=120.0, weights=weights)
     print(report)

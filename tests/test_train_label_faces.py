@@ -1,15 +1,12 @@
 """The teacher labelling script's CenterFace decoding and NMS, on hand-made output maps."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 
-_SPEC = importlib.util.spec_from_file_location(
-    "label_faces", Path(__file__).resolve().parents[1] / "tools" / "label_faces.py")
-label_faces = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(label_faces)
+from tests.helpers import load_script
+
+label_faces = load_script("tools/label_faces.py")
 
 
 class _FakeCenterFace:
