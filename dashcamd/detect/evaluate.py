@@ -63,6 +63,15 @@ def covered_fraction(targets_xyxy: np.ndarray, covers_xyxy: np.ndarray) -> np.nd
     return np.where(areas > 0, inside / np.where(areas > 0, areas, 1), 0.0)
 
 
+def hidden(targets_xyxy: np.ndarray | Sequence[Sequence[float]], pred_boxes: Iterable[Sequence[Any]],
+           enlarge: Mapping[str, float] | None = None) -> np.ndarray:
+    """bool (G,): the hidden rule. A target is hidden when >= HIDDEN_MIN_FRACTION of it lies inside the
+    union of the predicted boxes ([x1, y1, x2, y2, label, ...], any class), each first enlarged by its
+    class's factor in ``enlarge`` (none: as detected)."""
+    covers = _as_boxes([enlarged_xyxy(*p[:4], (enlarge or {}).get(p[4], 1.0)) for p in pred_boxes])
+    return covered_fraction(targets_xyxy, covers) >= HIDDEN_MIN_FRACTION
+
+
 def true_positives(preds_xyxy: np.ndarray, gts_xyxy: np.ndarray) -> np.ndarray:
     """bool (P,): which predictions match a GT box of the same class (see the module's rule)."""
     preds, gts = _as_boxes(preds_xyxy), _as_boxes(gts_xyxy)
@@ -107,14 +116,13 @@ def tally_image(tallies: dict[str, ClassTally], gt_boxes: Iterable[Sequence[Any]
     stays a property of the detector's own boxes). Classes missing from ``tallies`` are added.
     """
     gts, preds = list(gt_boxes), list(pred_boxes)
-    covers = _as_boxes([enlarged_xyxy(*p[:4], (enlarge or {}).get(p[4], 1.0)) for p in preds])
     for label in {g[4] for g in gts} | {p[4] for p in preds}:
         tally = tallies.setdefault(label, ClassTally())
         class_gts = _as_boxes([g[:4] for g in gts if g[4] == label])
-        hidden = covered_fraction(class_gts, covers) >= HIDDEN_MIN_FRACTION
+        class_hidden = hidden(class_gts, preds, enlarge)
         tally.gt += len(class_gts)
-        tally.hidden += int(hidden.sum())
-        for box, is_hidden in zip(class_gts, hidden):
+        tally.hidden += int(class_hidden.sum())
+        for box, is_hidden in zip(class_gts, class_hidden):
             bucket = width_bucket(box[2] - box[0])
             tally.gt_by_width[bucket] += 1
             tally.hidden_by_width[bucket] += int(is_hidden)

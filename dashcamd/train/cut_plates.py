@@ -15,8 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dashcamd.boxes import enlarged_xyxy
-from dashcamd.detect.evaluate import HIDDEN_MIN_FRACTION, covered_fraction
+from dashcamd.detect.evaluate import hidden
 
 from .dataset import CLASS_NAMES, Sample, read_rgb
 
@@ -50,12 +49,9 @@ def cut_plate_recall(detector, samples: Sequence[Sample], enlarge: Mapping[str, 
             for fraction in fractions:
                 picture, showing = cut_through(image, box, fraction)
                 (found,) = detector.detect([picture])
-                detected = np.array([[d.x1, d.y1, d.x2, d.y2] for d in found]).reshape(-1, 4)
-                redacted = np.array([enlarged_xyxy(d.x1, d.y1, d.x2, d.y2, enlarge.get(d.label, 1.0))
-                                     for d in found]).reshape(-1, 4)
+                preds = [[d.x1, d.y1, d.x2, d.y2, d.label] for d in found]
                 tally = tallies[fraction]
                 tally["plates"] += 1
-                tally["hidden"] += bool(covered_fraction(showing[None], detected)[0] >= HIDDEN_MIN_FRACTION)
-                tally["hidden_as_redacted"] += bool(
-                    covered_fraction(showing[None], redacted)[0] >= HIDDEN_MIN_FRACTION)
+                tally["hidden"] += bool(hidden(showing[None], preds)[0])
+                tally["hidden_as_redacted"] += bool(hidden(showing[None], preds, enlarge)[0])
     return tallies
