@@ -103,6 +103,14 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         if preset != defaults["preset"]:
             out.append(Measurement(f"preset={preset}", "full", f"x264 preset {preset}",
                                    {"encoder": {"preset": preset}}))
+    if defaults["encoder_nice"]:
+        out.append(Measurement("nice=0", "full", "encoder threads at the detector's priority",
+                               {"encoder": {"nice": 0}}))
+    # dashcamd's tuning of veryfast (dashcamd/x264.py) against the plain preset, on both sides of the ratio.
+    if defaults["preset"] == "veryfast" and defaults["x264_params"] is None:
+        plain = {"encoder": {"x264_params": ""}}
+        out.append(Measurement("x264=plain", "full", "x264 plain veryfast, without dashcamd's tuning", plain))
+        out.append(Measurement("copy:x264=plain", "copy", "copy limit with plain veryfast", plain))
     return out
 
 
@@ -371,6 +379,9 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
     if full.get("ok") and copy.get("ok"):
         print(f"\nfull / copy limit = {full['fps_median'] / copy['fps_median']:.2f} "
               f"(1.0 = detection and redaction cost nothing on top of decode + encode)")
+    plain, plain_copy = summaries.get("x264=plain", {}), summaries.get("copy:x264=plain", {})
+    if plain.get("ok") and plain_copy.get("ok"):
+        print(f"with plain veryfast on both sides: {plain['fps_median'] / plain_copy['fps_median']:.2f}")
     staged = [m for m in measurements if "stage_cpu_ms_per_frame" in summaries[m.name]]
     if staged:
         stages = list(summaries[staged[0].name]["stage_cpu_ms_per_frame"])
@@ -399,7 +410,8 @@ def default_detector_settings(config: Path | None, base_overrides: dict, work: P
     return {"inference_size": detector.inference_size, "detection_stride": detector.detection_stride,
             "batch_size": detector.batch_size, "threads_resolved": threads, "device": detector.device,
             "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights),
-            "preset": settings.encoder.preset}
+            "preset": settings.encoder.preset, "x264_params": settings.encoder.x264_params,
+            "encoder_nice": settings.encoder.nice}
 
 
 def _cuda_expected(device_setting: str) -> bool:

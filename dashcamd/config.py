@@ -1,6 +1,7 @@
 """Settings: one pydantic model loaded from a TOML file, with ``DASHCAMD_*`` environment overrides.
 
-Validators only, no side effects: nothing here creates folders or touches the device.
+Validators only, no side effects: nothing here creates folders or touches the device (the x264 options
+are tried on an encoder in memory).
 """
 
 from __future__ import annotations
@@ -155,11 +156,25 @@ class RedactSettings(_Section):
 
 
 class EncoderSettings(_Section):
-    crf: int = Field(default=20, ge=0, le=51)
+    crf: int = Field(default=19, ge=0, le=51)
     preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
     ] = "veryfast"
+    x264_params: str | None = Field(
+        default=None, description="x264 key=value:... on top of the preset; unset = dashcamd's tuning of veryfast"
+    )
     threads: int = Field(default=0, ge=0, description="0 = let x264 decide")
+    nice: int = Field(default=5, ge=0, le=19, description="the encoder's threads this much nicer than the detector's")
+
+    @model_validator(mode="after")
+    def _x264_takes_them(self) -> EncoderSettings:
+        # x264 only warns about an option it cannot parse and encodes without it: try them here instead.
+        from dashcamd.x264 import encoder_options, rejected_options
+
+        complaints = rejected_options(encoder_options(self.crf, self.preset, self.x264_params))
+        if complaints:
+            raise ValueError(f"x264 does not take these options: {'; '.join(complaints)}")
+        return self
 
 
 class WorkerSettings(_Section):

@@ -23,6 +23,7 @@ from av.video.reformatter import VideoReformatter
 from dashcamd.config import EncoderSettings
 from dashcamd.errors import InvalidClip, TransientError
 from dashcamd.picture import Picture
+from dashcamd.x264 import encoder_options
 
 log = structlog.get_logger(__name__)
 
@@ -609,7 +610,7 @@ class ClipWriter:
         stream.time_base = Fraction(1, info.time_base.denominator)
         ctx.thread_type = "FRAME"  # ~1.5x the default slice threading, same output quality
         ctx.thread_count = settings.threads
-        ctx.options = {"crf": str(settings.crf), "preset": settings.preset}
+        ctx.options = encoder_options(settings.crf, settings.preset, settings.x264_params)
         ctx.colorspace = _AVCOL_SPC[info.color_matrix]
         ctx.color_range = _AVCOL_RANGE_MPEG
         if info.color_primaries not in (0, 2):  # reserved / unspecified stay untagged

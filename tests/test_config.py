@@ -52,6 +52,7 @@ def test_environment_overrides_file_and_keeps_other_keys(tmp_path, monkeypatch):
         ("[encoder]\ncrf = 99\n", "encoder.crf"),
         ("[encoder]\ncfr = 20\n", "encoder.cfr"),
         ("[detector]\ndevice = \"gpu\"\n", "detector.device"),
+        ("[encoder]\nx264_params = \"subme=1:bogus=2\"\n", "bogus"),  # x264 itself would only warn
         ("[detector]\ninference_size = 650\n", "detector.inference_size"),
         ("[output]\noriginals = \"move\"\n", "originals"),
         ("[redact]\nzones = [{x1 = 0.5, y1 = 0.0, x2 = 0.2, y2 = 1.0}]\n", "redact.zones.0"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import threading
 from fractions import Fraction
@@ -337,3 +338,26 @@ def test_reader_source_changed_under_it_is_not_silently_short(tmp_path: Path) ->
         with reader:
             for _ in reader.frames():
                 pass
+
+
+def _x264_settings_line(path: Path) -> str:
+    """The options x264 records in its SEI message at the start of the stream."""
+    found = re.search(rb"options: ([^\x00]*)", path.read_bytes())
+    assert found, "no x264 SEI in the output"
+    return found.group(1).decode("ascii", "replace")
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (EncoderSettings(), ["subme=1 ", "analyse=0x3:0x3 ", "crf=19.0"]),  # veryfast + dashcamd's tuning
+        (EncoderSettings(x264_params=""), ["subme=2 ", "analyse=0x3:0x113 "]),  # plain veryfast
+        (EncoderSettings(preset="ultrafast"), ["subme=0 "]),  # the tuning is veryfast's only
+        (EncoderSettings(x264_params="subme=3:bframes=1"), ["subme=3 ", "bframes=1 "]),
+    ],
+)
+def test_writer_encodes_with_the_configured_x264_options(tmp_path: Path, settings, expected) -> None:
+    source = make_clip(tmp_path / "in.mp4", seconds=0.3)
+    transcode(source, tmp_path / "out.mp4", settings)
+    line = _x264_settings_line(tmp_path / "out.mp4")
+    assert all(option in line for option in expected), line

@@ -180,3 +180,44 @@ def test_thread_pools_are_sized_for_the_pipeline(tmp_path):
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
+
+
+def _nice_of_each_thread() -> dict[int, int]:
+    """Linux: thread id -> nice value, for every thread of this process."""
+    nice = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nice[int(task.name)] = int(fields[16])  # field 19 of stat, counted after "(comm)"
+    return nice
+
+
+class NiceWatchingDetector(KnownBoxDetector):
+    """Records the nice value of every thread of the process at each call (the last call's is kept: by then
+    the tracker's look-ahead has let frames through and the encoder runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, int] = {}
+        self.main_thread = threading.get_native_id()
+
+    def detect(self, frames_rgb, source_hw=None):
+        self.seen = _nice_of_each_thread()
+        return super().detect(frames_rgb, source_hw)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [0, 5])
+def test_encoder_threads_run_nicer_than_the_detector(tmp_path, nice):
+    clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=2.0)
+    detector = NiceWatchingDetector()
+    base = _nice_of_each_thread()[detector.main_thread]
+    settings = _settings(tmp_path, encoder={"threads": 2, "nice": nice})
+    process_clip(clip, tmp_path / "out" / "in.mp4", settings, detector)
+    assert detector.seen[detector.main_thread] == base  # the detector keeps its priority
+    niced = [tid for tid, value in detector.seen.items() if value != base]
+    if nice:
+        # the encode stage's thread and the x264 frame threads it started, which inherit its value
+        assert len(niced) >= 3 and {detector.seen[tid] for tid in niced} == {min(base + nice, 19)}
+    else:
+        assert niced == []
+    assert _nice_of_each_thread()[detector.main_thread] == base
