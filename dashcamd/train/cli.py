@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                                             "them, with the daemon's default detector settings")
     cut.add_argument("weights", type=Path)
     _add_data_options(cut)
+
+    dev = sub.add_parser("dev-sets", help="write the dev split in the eval folders' format, for bench/leak.py "
+                                          "--data OUT --sets dev_plates_openimages dev_faces_unlabelled")
+    dev.add_argument("--out", type=Path, required=True)
+    _add_data_options(dev)
     return ap
 
 
@@ -99,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return _print_thresholds(args, dev_s)
     if args.command == "cut-plates":
         return _print_cut_plates(args, dev_s)
+    if args.command == "dev-sets":
+        from .dev_sets import write_dev_sets
+
+        print(json.dumps(write_dev_sets(dev_s, args.out)))
+        return 0
     if args.command == "calibrate":
         from .calibrate import calibrate
 
