@@ -183,13 +183,14 @@ class Redactor:
             if region is None:
                 continue
             alpha = None if region.hard_rectangle else region_alpha(region)  # one weight a pixel, any channels
+            keep = None if alpha is None else 1.0 - alpha
             for image, fill in zip(images, fill_arrays):
                 patch = image[region.y0 : region.y1, region.x0 : region.x1]
                 effect = self._effect(patch, region, fill)
                 if alpha is None:
                     patch[...] = effect
                 else:
-                    patch[...] = cv2.blendLinear(patch, effect, 1.0 - alpha, alpha)
+                    patch[...] = cv2.blendLinear(patch, effect, keep, alpha)
 
     def _effect(self, patch: np.ndarray, region: Region, fill: np.ndarray) -> np.ndarray:
         roi_h, roi_w = patch.shape[:2]
