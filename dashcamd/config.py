@@ -152,6 +152,8 @@ class RedactSettings(_Section):
     max_gap: int = Field(default=15, ge=0, le=300, description="interpolate a track missing this many frames")
     pad: int = Field(default=5, ge=0, le=300, description="extend track ends this many frames both ways")
     smoothing: Fraction01 = Field(default=0.5, description="0 = raw boxes, towards 1 = smoother")
+    hold: int = Field(default=6, ge=0, le=300,
+                      description="a tracked box also covers the track's boxes this many frames before and after")
     zones: list[PrivacyZone] = Field(default_factory=list)
 
 

@@ -101,9 +101,11 @@ class TemporalFilter:
     detection is output on its own frame whatever track it joins. So the cheap predictor is enough.
 
     Per track: gaps of at most ``gap_limit`` frames are filled by linear interpolation; the track is
-    smoothed by a two-sided temporal Gaussian and each smoothed box is united with the unsmoothed one
-    (smoothing only ever grows a box); ends are extended ``pad`` frames with the track's velocity,
-    centre clamped inside the frame so an object entering or leaving keeps the edge covered.
+    smoothed by a two-sided temporal Gaussian and each smoothed box is united with the track's boxes of
+    the ``hold`` frames before and after (smoothing only ever grows a box; the hold keeps a plate found
+    whole in one frame and in pieces or lagging in the next covered by its neighbours' extent); ends are
+    extended ``pad`` frames with the track's velocity, centre clamped inside the frame so an object
+    entering or leaving keeps the edge covered.
 
     Stride k: frames pushed with ``None`` were not run through the detector, so the gap limit is at
     least k - 1 and padding at least k - 1 (the object may be present until the next detector run).
@@ -130,14 +132,16 @@ class TemporalFilter:
         self._smooth_radius = int(math.ceil(2.0 * sigma)) if sigma > 0 else 0
         offsets = np.arange(-self._smooth_radius, self._smooth_radius + 1, dtype=np.float64)
         self._smooth_weights = np.exp(-0.5 * (offsets / sigma) ** 2) if sigma > 0 else np.ones(1)
+        self._hold = settings.hold
+        self._read_radius = max(self._smooth_radius, self._hold)  # core boxes a final box reads, each way
 
         if self._track_enabled:
             # Frame f is final once every input that can change it has been pushed:
-            # smoothing reads core boxes up to f + R, and a core box at t is known once the track
-            # is re-detected or dead (t + gap_limit); a backward pad needs a track starting by
+            # smoothing and hold read core boxes up to f + R, and a core box at t is known once the
+            # track is re-detected or dead (t + gap_limit); a backward pad needs a track starting by
             # f + pad and its start velocity (velocity_window more frames).
             back_pad_needs = self._pad + self._velocity_window if self._pad > 0 else 0
-            self.lookahead_frames = max(self._smooth_radius + self._gap_limit, back_pad_needs)
+            self.lookahead_frames = max(self._read_radius + self._gap_limit, back_pad_needs)
         else:
             self.lookahead_frames = 0
 
@@ -328,17 +332,20 @@ class TemporalFilter:
         return self._box(self._smoothed(track, frame_index), track.label, score, "tracked")
 
     def _smoothed(self, track: _Track, frame_index: int) -> np.ndarray:
-        """Two-sided Gaussian mean of the core boxes, united with the core box (never shrinks)."""
-        lo = max(frame_index - self._smooth_radius, track.frames[0])
-        hi = min(frame_index + self._smooth_radius, track.last)
+        """Two-sided Gaussian mean of the core boxes, united with every core box within ``hold`` frames
+        (so never smaller than the core box itself)."""
+        lo = max(frame_index - self._read_radius, track.frames[0])
+        hi = min(frame_index + self._read_radius, track.last)
         core = self._core_boxes(track, np.arange(lo, hi + 1, dtype=np.float64))
-        here = core[frame_index - lo]
+        here = frame_index - lo
+        held = core[max(here - self._hold, 0) : here + self._hold + 1]
+        box = np.concatenate([held[:, :2].min(axis=0), held[:, 2:].max(axis=0)])
         if self._smooth_radius == 0:
-            return here
-        offset = self._smooth_radius - frame_index
-        weights = self._smooth_weights[lo + offset : hi + offset + 1]
-        mean = weights @ core / weights.sum()
-        return _union(mean, here)
+            return box
+        first = max(here - self._smooth_radius, 0)
+        near = core[first : here + self._smooth_radius + 1]
+        weights = self._smooth_weights[first - here + self._smooth_radius :][: len(near)]
+        return _union(weights @ near / weights.sum(), box)
 
     @staticmethod
     def _window(track: _Track, lo: int, hi: int) -> list[int]:
@@ -371,7 +378,7 @@ class TemporalFilter:
             del self._raw[frame_index]
         self._tracks = [t for t in self._tracks if not (t.closed and t.last + self._pad < self._next_final)]
         # Keep only detections that smoothing, interpolation or end velocity can still read.
-        keep_from = self._next_final - self._smooth_radius - self._pad - self._velocity_window - 1
+        keep_from = self._next_final - self._read_radius - self._pad - self._velocity_window - 1
         for track in self._tracks:
             cut = bisect_left(track.frames, keep_from) - 1
             if cut > 0:

@@ -15,7 +15,7 @@ FRAME_SIZE = (640, 360)
 
 def make_settings(**overrides) -> RedactSettings:
     # Neutral defaults so each test sees one mechanism; enlarge={} means factor 1 for every class.
-    values = dict(enlarge={}, smoothing=0.0, pad=0, max_gap=0, frame_memory=0)
+    values = dict(enlarge={}, smoothing=0.0, pad=0, max_gap=0, frame_memory=0, hold=0)
     values.update(overrides)
     return RedactSettings(**values)
 
@@ -118,6 +118,26 @@ def test_smoothing_never_shrinks_the_raw_box():
     assert changed > 20  # smoothing did something
 
 
+def test_hold_covers_a_plate_found_whole_and_in_pieces():
+    # A still plate found whole on even frames and only its left part on odd ones (one track).
+    whole, piece = Detection(100, 100, 200, 140, "plate", 0.8), Detection(100, 100, 140, 140, "plate", 0.3)
+    dets = {f: [whole if f % 2 == 0 else piece] for f in range(10)}
+    held = run(TemporalFilter(make_settings(hold=1), FRAME_SIZE), dets, 10)
+    assert all(len(held[f]) == 1 and covers(held[f][0], whole) for f in range(10))
+    unheld = run(TemporalFilter(make_settings(hold=0), FRAME_SIZE), dets, 10)
+    assert not covers(unheld[1][0], whole)
+
+
+def test_hold_is_the_union_of_the_tracks_boxes_around_the_frame():
+    dets = {f: [moving_box(f, vx=10.0)] for f in range(20)}
+    boxes = run(TemporalFilter(make_settings(hold=2), FRAME_SIZE), dets, 20)
+    for f in range(20):
+        first, last = max(f - 2, 0), min(f + 2, 19)  # within the track's own frames only
+        (box,) = boxes[f]
+        expected = [moving_box(first).x1, 100.0, moving_box(last).x2, 120.0]
+        assert xyxy(box) == pytest.approx(expected)
+
+
 def test_crossing_objects_keep_identities():
     # A moves right, B moves left, rows overlapping; A is missed around the crossing (frame 25).
     def a(f):
@@ -181,7 +201,8 @@ def test_stride_without_tracking_holds_last_detector_output():
 
 @pytest.mark.parametrize(
     "overrides, stride",
-    [({}, 1), (dict(track=False, frame_memory=3), 2), (dict(max_gap=40, pad=30, smoothing=1.0), 3)],
+    [({}, 1), (dict(track=False, frame_memory=3), 2), (dict(max_gap=40, pad=30, smoothing=1.0), 3),
+     (dict(hold=30, max_gap=2, pad=0), 1)],
 )
 def test_push_returns_frames_within_lookahead(overrides, stride):
     temporal = TemporalFilter(RedactSettings(**overrides), FRAME_SIZE, detection_stride=stride)
@@ -204,7 +225,8 @@ def test_push_returns_frames_within_lookahead(overrides, stride):
 
 @pytest.mark.parametrize(
     "overrides, stride",
-    [({}, 1), (dict(max_gap=4, pad=7, smoothing=1.0), 1), (dict(pad=2, frame_memory=2), 3)],
+    [({}, 1), (dict(max_gap=4, pad=7, smoothing=1.0), 1), (dict(pad=2, frame_memory=2), 3),
+     (dict(hold=12, max_gap=2, pad=0, smoothing=0.2), 2)],
 )
 def test_lookahead_is_enough_to_match_whole_clip_result(overrides, stride):
     # Same input through a filter that waits for the whole clip: any difference means a frame was
