@@ -186,7 +186,10 @@ def _nice_of_each_thread() -> dict[int, int]:
     """Linux: thread id -> nice value, for every thread of this process."""
     nice = {}
     for task in Path("/proc/self/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended since the listing
+            continue
         nice[int(task.name)] = int(fields[16])  # field 19 of stat, counted after "(comm)"
     return nice
 
