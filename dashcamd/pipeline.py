@@ -303,8 +303,8 @@ def _lower_thread_priority(by: int) -> None:
 
     Why: on a CPU the detector's thread is the pipeline's one serial stage, while x264's frame threads can
     use whatever CPU is left at any moment. At equal priority the scheduler shares the cores among all of
-    them and the detector waits; with x264 5 nicer the 2-core machine ran the speed clip at 36.6-37.4
-    frames/s against 31.9-34.8 (README, "Measured speed"). Raising a thread's nice value needs no privilege.
+    them and the detector waits; with x264 5 nicer the 2-core machine ran the speed clip 10-17 % faster
+    (README, "Measured speed"). Raising a thread's nice value needs no privilege.
     """
     if by <= 0 or sys.platform != "linux":
         return

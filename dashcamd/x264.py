@@ -15,8 +15,8 @@ import av.logging
 
 
 # On top of veryfast when the config sets no x264_params: the fastest sub-pixel refinement, and no
-# analysis of inter partitions below 16x16. On 1080p clips here that took 35-44 % of x264's CPU for 4-10 %
-# more bytes at the same CRF, 0.1-0.3 dB less PSNR (README, "Encoder settings"); the default CRF 19
+# analysis of inter partitions below 16x16. On 1080p clips here that took 34-43 % of x264's CPU for 4-10 %
+# more bytes at the same CRF, 0.15-0.34 dB less PSNR (README, "Measured speed"); the default CRF 19
 # (was 20) gives that back. Other presets get nothing added: a user who picks "medium" means medium.
 VERYFAST_TUNING = "subme=1:partitions=i8x8,i4x4"
 
