@@ -15,9 +15,10 @@ import cv2
 import numpy as np
 import torch
 
+from dashcamd.detect.infer import PAD_LEVEL  # letterbox grey: train as the detector pads
+
 CLASS_NAMES = ("plate", "face")
 PLATE, FACE = 0, 1
-PAD_VALUE = 114  # letterbox grey, the value the detector pads with too
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[in
     h, w = image.shape[:2]
     scale = size / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    out = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    out = np.full((size, size, 3), PAD_LEVEL, np.uint8)
     px, py = (size - nw) // 2, (size - nh) // 2
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     out[py:py + nh, px:px + nw] = cv2.resize(image, (nw, nh), interpolation=interp)
@@ -135,7 +136,7 @@ def _crop_and_scale(image, boxes, rng, cfg: AugmentConfig):
     m = np.array([[scale, 0, -x0 * scale], [0, scale, -y0 * scale]], np.float32)
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     out = cv2.warpAffine(image, m, (s, s), flags=interp, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=(PAD_VALUE,) * 3)
+                         borderValue=(PAD_LEVEL,) * 3)
     return out, (boxes - np.array([x0, y0, x0, y0], np.float32)) * scale
 
 
