@@ -116,7 +116,7 @@ def _detection_key(settings: Settings) -> str:
     ranges = ranges_path(Path(d.weights))
     ranges_digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:16] if ranges.is_file() else None
     return json.dumps({"weights": digest, "int8_ranges": ranges_digest, "size": d.inference_size,
-                       "thresholds": d.thresholds,
+                       "thresholds": settings.detector_thresholds(),
                        "iou": d.iou_threshold, "device": d.device, "precision": d.precision,
                        "resize": "decoder-area"}, sort_keys=True)
 
@@ -185,10 +185,11 @@ def variant_settings(base: RedactSettings, mode: str, memory: int) -> RedactSett
 
 
 def redacted_boxes(detections: list[list[list]], settings: RedactSettings, frame_size: tuple[int, int],
-                   stride: int) -> list[list[RedactBox]]:
+                   stride: int, start_thresholds: dict[str, float]) -> list[list[RedactBox]]:
     """What the pipeline would redact per frame: detections on frames index % stride == 0 only, through
-    the real TemporalFilter (tracking, memory, padding, enlargement)."""
-    temporal = TemporalFilter(settings, frame_size, stride)
+    the real TemporalFilter (tracking, memory, padding, enlargement; detections below ``start_thresholds``
+    only continue tracks)."""
+    temporal = TemporalFilter(settings, frame_size, stride, start_thresholds)
     out: list[list[RedactBox]] = [[] for _ in detections]
     final = []
     for index, dets in enumerate(detections):
@@ -496,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 redact = variant_settings(settings.redact, mode, args.memory)
                 for stride in STRIDES:
                     name = _variant_name(mode, stride)
-                    boxes = redacted_boxes(clip.detections, redact, args.size, stride)
+                    boxes = redacted_boxes(clip.detections, redact, args.size, stride,
+                                           settings.detector.thresholds)
                     tally = score_clip(clip, boxes, args.size, redact.feather, args.alpha_min)
                     per_clip[clip.name][name] = tally.summary()
                     totals.setdefault(name, _Tally()).add(tally)
@@ -505,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if default_variant not in total:  # a configured stride beyond 3: evaluate it too
             tally = _Tally()
             for clip in clips:
-                boxes = redacted_boxes(clip.detections, settings.redact, args.size, settings.detector.detection_stride)
+                boxes = redacted_boxes(clip.detections, settings.redact, args.size, settings.detector.detection_stride,
+                                       settings.detector.thresholds)
                 tally.add(score_clip(clip, boxes, args.size, settings.redact.feather, args.alpha_min))
             total[default_variant] = tally.summary()
         target = compute_target(total, default_variant)

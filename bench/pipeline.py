@@ -103,6 +103,9 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         if preset != defaults["preset"]:
             out.append(Measurement(f"preset={preset}", "full", f"x264 preset {preset}",
                                    {"encoder": {"preset": preset}}))
+    if defaults["weak_detections"]:
+        out.append(Measurement("continue=off", "full", "no weak detections for the tracker (continue_threshold 1)",
+                               {"redact": {"continue_threshold": 1.0}}))
     if defaults["encoder_nice"]:
         out.append(Measurement("nice=0", "full", "encoder threads at the detector's priority",
                                {"encoder": {"nice": 0}}))
@@ -411,7 +414,8 @@ def default_detector_settings(config: Path | None, base_overrides: dict, work: P
             "batch_size": detector.batch_size, "threads_resolved": threads, "device": detector.device,
             "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights),
             "preset": settings.encoder.preset, "x264_params": settings.encoder.x264_params,
-            "encoder_nice": settings.encoder.nice}
+            "encoder_nice": settings.encoder.nice,
+            "weak_detections": settings.detector_thresholds() != settings.detector.thresholds}
 
 
 def _cuda_expected(device_setting: str) -> bool:

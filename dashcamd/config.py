@@ -152,8 +152,12 @@ class RedactSettings(_Section):
     max_gap: int = Field(default=15, ge=0, le=300, description="interpolate a track missing this many frames")
     pad: int = Field(default=5, ge=0, le=300, description="extend track ends this many frames both ways")
     smoothing: Fraction01 = Field(default=0.5, description="0 = raw boxes, towards 1 = smoother")
-    hold: int = Field(default=6, ge=0, le=300,
+    hold: int = Field(default=8, ge=0, le=300,
                       description="a tracked box also covers the track's boxes this many frames before and after")
+    continue_threshold: Fraction01 = Field(
+        default=0.01,
+        description="detections below their class threshold, down to this score, only continue a track",
+    )
     zones: list[PrivacyZone] = Field(default_factory=list)
 
 
@@ -212,6 +216,13 @@ class Settings(BaseSettings):
         if self.output.originals == "move" and self.paths.archive is None:
             raise ValueError("output.originals = 'move' needs paths.archive")
         return self
+
+    def detector_thresholds(self) -> dict[str, float]:
+        """The scores the detector must report: each class threshold, lowered to
+        ``redact.continue_threshold`` when tracks are on to take the weaker detections (``TemporalFilter``)."""
+        if not self.redact.track:
+            return dict(self.detector.thresholds)
+        return {name: min(score, self.redact.continue_threshold) for name, score in self.detector.thresholds.items()}
 
     @classmethod
     def settings_customise_sources(

@@ -85,7 +85,7 @@ def load_detector(settings: Settings):
     return Detector(
         settings.detector.weights,
         device=settings.detector.device,
-        thresholds=settings.detector.thresholds,
+        thresholds=settings.detector_thresholds(),
         inference_size=settings.detector.inference_size,
         batch_size=settings.detector.batch_size,
         iou_threshold=settings.detector.iou_threshold,
@@ -190,7 +190,8 @@ def _run_stages(
     detect_cpu_started = time.thread_time()
     info = reader.info
     frames_total = info.frame_count
-    temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride)
+    temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride,
+                              start_thresholds=settings.detector.thresholds)
     batch_size = settings.detector.batch_size
     source_hw = (info.height, info.width)
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)

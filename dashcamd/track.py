@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,7 @@ from dashcamd.config import RedactSettings
 
 # Association gates, relative to the boxes: a centre may move at most one mean box diagonal away from
 # its prediction, and the size may change at most 2x per link. Loose on purpose: a wrong link only
-# changes how a gap is filled, never whether a detection is redacted.
+# changes how a gap is filled, never whether a confident detection is redacted.
 _CENTRE_GATE = 1.0
 _SIZE_RATIO_GATE = 2.0
 # Weight of the newest centre displacement in the track's velocity (an alpha-beta style update).
@@ -99,6 +99,9 @@ class TemporalFilter:
     filter would also smooth positions, but here positions are smoothed afterwards with look-ahead
     (two-sided, so without the lag a causal filter has), and a wrong link cannot lose coverage: every
     detection is output on its own frame whatever track it joins. So the cheap predictor is enough.
+    Detections below their class's start threshold are matched second, to the tracks still unmatched
+    (ByteTrack's two-pass association): a detector's score drops on a blurred, dark or cut-off frame of
+    an object it found confidently before, and those frames are where a plate would otherwise leak.
 
     Per track: gaps of at most ``gap_limit`` frames are filled by linear interpolation; the track is
     smoothed by a two-sided temporal Gaussian and each smoothed box is united with the track's boxes of
@@ -112,14 +115,24 @@ class TemporalFilter:
     """
 
     def __init__(
-        self, settings: RedactSettings, frame_size: tuple[int, int], detection_stride: int = 1
+        self,
+        settings: RedactSettings,
+        frame_size: tuple[int, int],
+        detection_stride: int = 1,
+        start_thresholds: Mapping[str, float] | None = None,
     ) -> None:
+        """``start_thresholds``: per class, the score a detection needs to start a track (or, without
+        tracking, to be redacted or remembered at all). A weaker one, as the detector reports when
+        ``Settings.detector_thresholds`` lowers its thresholds, can only continue a track that no
+        confident detection continued in that frame. Classes not named, or None: every detection counts.
+        """
         width, height = frame_size
         if width <= 0 or height <= 0:
             raise ValueError(f"frame_size must be positive (width, height), got {frame_size}")
         if detection_stride < 1:
             raise ValueError(f"detection_stride must be >= 1, got {detection_stride}")
         self._settings = settings
+        self._start_thresholds = dict(start_thresholds or {})
         self._width, self._height = float(width), float(height)
         self._track_enabled = settings.track
         self._memory = settings.frame_memory
@@ -173,14 +186,18 @@ class TemporalFilter:
         if frame_index != self._next_push:
             raise ValueError(f"expected frame {self._next_push}, got {frame_index}")
         self._next_push = frame_index + 1
-        dets = None if detections is None else [_read_detection(d) for d in detections]
+        dets, weak = None, []
+        if detections is not None:
+            dets = []
+            for det in map(_read_detection, detections):
+                (dets if det.score >= self._start_thresholds.get(det.label, 0.0) else weak).append(det)
         self._raw[frame_index] = dets
         for track in self._tracks:
             # Too long unseen: a later detection of the object starts a new track, not a fill.
             if not track.closed and frame_index - track.last > self._gap_limit + 1:
                 track.closed = True
-        if self._track_enabled and dets:
-            self._associate(frame_index, dets)
+        if self._track_enabled and (dets or weak):
+            self._associate(frame_index, dets, weak)
         return self._finalize_until(frame_index - self.lookahead_frames)
 
     def flush(self) -> list[FrameBoxes]:
@@ -190,40 +207,48 @@ class TemporalFilter:
             return []
         return self._finalize_until(self._next_push - 1)
 
-    def _associate(self, frame_index: int, dets: list[_Det]) -> None:
-        for label in sorted({d.label for d in dets}):
-            label_dets = [d for d in dets if d.label == label]
+    def _associate(self, frame_index: int, confident: list[_Det], weak: list[_Det]) -> None:
+        for label in sorted({d.label for d in confident + weak}):
             live = [t for t in self._tracks if t.label == label and not t.closed]
-            pairs: list[tuple[float, int, int]] = []
-            if live:
-                predicted = np.stack([self._predict(t, frame_index) for t in live])  # (T, 4)
-                observed = np.stack([d.box_xyxy for d in label_dets])  # (D, 4)
-                pred_centre, pred_size = _centre_size(predicted)
-                det_centre, det_size = _centre_size(observed)
-                pred_diag = np.linalg.norm(pred_size, axis=1)
-                det_diag = np.linalg.norm(det_size, axis=1)
-                scale = np.maximum(0.5 * (pred_diag[:, None] + det_diag[None, :]), 1.0)
-                distance = np.linalg.norm(det_centre[None, :] - pred_centre[:, None], axis=2) / scale
-                pred_area = np.maximum(np.prod(pred_size, axis=1), 1.0)
-                det_area = np.maximum(np.prod(det_size, axis=1), 1.0)
-                area_ratio = det_area[None, :] / pred_area[:, None]
-                size_ratio = np.sqrt(np.maximum(area_ratio, 1.0 / area_ratio))
-                cost = 1.0 - pairwise_iou(predicted, observed) + distance
-                gated = (distance <= _CENTRE_GATE) & (size_ratio <= _SIZE_RATIO_GATE)
-                pairs = [(float(cost[ti, di]), int(ti), int(di)) for ti, di in zip(*np.nonzero(gated))]
-            used_tracks: set[int] = set()
-            used_dets: set[int] = set()
-            for _, ti, di in sorted(pairs):
-                if ti in used_tracks or di in used_dets:
-                    continue
-                used_tracks.add(ti)
-                used_dets.add(di)
-                self._extend(live[ti], frame_index, label_dets[di])
-            for di, det in enumerate(label_dets):
+            label_confident = [d for d in confident if d.label == label]
+            used_tracks, used_dets = self._match(live, label_confident, frame_index)
+            for di, det in enumerate(label_confident):
                 if di not in used_dets:
                     track = _Track(label=label, start=frame_index)
                     self._extend(track, frame_index, det)
                     self._tracks.append(track)
+            # Second pass (as in ByteTrack): a weak detection may only continue a track still unmatched.
+            unmatched = [t for ti, t in enumerate(live) if ti not in used_tracks]
+            self._match(unmatched, [d for d in weak if d.label == label], frame_index)
+
+    def _match(self, live: list[_Track], dets: list[_Det], frame_index: int) -> tuple[set[int], set[int]]:
+        """Greedily link detections to the live tracks they fit best; return the indices used of both."""
+        used_tracks: set[int] = set()
+        used_dets: set[int] = set()
+        if not live or not dets:
+            return used_tracks, used_dets
+        predicted = np.stack([self._predict(t, frame_index) for t in live])  # (T, 4)
+        observed = np.stack([d.box_xyxy for d in dets])  # (D, 4)
+        pred_centre, pred_size = _centre_size(predicted)
+        det_centre, det_size = _centre_size(observed)
+        pred_diag = np.linalg.norm(pred_size, axis=1)
+        det_diag = np.linalg.norm(det_size, axis=1)
+        scale = np.maximum(0.5 * (pred_diag[:, None] + det_diag[None, :]), 1.0)
+        distance = np.linalg.norm(det_centre[None, :] - pred_centre[:, None], axis=2) / scale
+        pred_area = np.maximum(np.prod(pred_size, axis=1), 1.0)
+        det_area = np.maximum(np.prod(det_size, axis=1), 1.0)
+        area_ratio = det_area[None, :] / pred_area[:, None]
+        size_ratio = np.sqrt(np.maximum(area_ratio, 1.0 / area_ratio))
+        cost = 1.0 - pairwise_iou(predicted, observed) + distance
+        gated = (distance <= _CENTRE_GATE) & (size_ratio <= _SIZE_RATIO_GATE)
+        pairs = sorted((float(cost[ti, di]), int(ti), int(di)) for ti, di in zip(*np.nonzero(gated)))
+        for _, ti, di in pairs:
+            if ti in used_tracks or di in used_dets:
+                continue
+            used_tracks.add(ti)
+            used_dets.add(di)
+            self._extend(live[ti], frame_index, dets[di])
+        return used_tracks, used_dets
 
     @staticmethod
     def _predict(track: _Track, frame_index: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
-from dashcamd.pipeline import process_clip, size_thread_pools
+from dashcamd.pipeline import load_detector, process_clip, size_thread_pools
 from dashcamd.redact import Redactor
 from tests.media_factory import make_clip
 
@@ -104,6 +105,43 @@ def test_detection_stride_runs_the_detector_on_every_kth_frame(tmp_path):
     assert sum(detector.batches) == -(-report.frames // 3)
     assert report.redacted_frames == report.frames
 
+
+
+class FadingPlateDetector(KnownBoxDetector):
+    """The plate at BOX scores 0.9 on the first 5 frames, then 0.02 (below the threshold); a face that
+    never reaches its threshold sits in a corner throughout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames_seen = 0
+
+    def detect(self, frames_rgb, source_hw=None):
+        out = []
+        for _ in frames_rgb:
+            plate_score = 0.9 if self.frames_seen < 5 else 0.02
+            out.append([Detection(*BOX, "plate", plate_score), Detection(0.0, 0.0, 30.0, 30.0, "face", 0.02)])
+            self.frames_seen += 1
+        return out
+
+
+def test_weak_detections_only_continue_tracks_through_the_pipeline(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
+    boxes_path = tmp_path / "boxes.jsonl"
+    settings = _settings(tmp_path, redact={"pad": 0, "max_gap": 0, "hold": 0, "smoothing": 0.0})
+    report = process_clip(clip, tmp_path / "out" / "in.mp4", settings, FadingPlateDetector(), boxes_path=boxes_path)
+    lines = [json.loads(line) for line in boxes_path.read_text().splitlines()]
+    assert len(lines) == report.frames > 5
+    assert all([box[4] for box in line["boxes"]] == ["plate"] for line in lines)
+    assert [line["boxes"][0][5] for line in lines[4:6]] == [0.9, 0.02]
+
+
+def test_the_detector_is_asked_for_the_weak_detections_too(tmp_path, monkeypatch):
+    import dashcamd.detect
+
+    built = {}
+    monkeypatch.setattr(dashcamd.detect, "Detector", lambda weights, **kwargs: built.update(kwargs))
+    load_detector(_settings(tmp_path, redact={"continue_threshold": 0.02}))
+    assert built["thresholds"] == {"plate": 0.02, "face": 0.02}
 
 def test_cancellation_leaves_no_file_behind(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", width=160, height=96, seconds=2.0)

@@ -199,6 +199,44 @@ def test_stride_without_tracking_holds_last_detector_output():
     assert boxes[7] == []  # the detector ran at 6 and found nothing
 
 
+START = {"plate": 0.5, "face": 0.5}
+
+
+def weak(det: Detection) -> Detection:
+    return det._replace(score=0.1)
+
+
+def test_weak_detections_continue_a_track_beyond_gap_and_pad():
+    # Confident for 10 frames, then only weak (a blurred or dark stretch) for 20: with max_gap and pad
+    # 0 only the weak detections can keep the plate covered.
+    dets = {f: [moving_box(f) if f < 10 else weak(moving_box(f))] for f in range(30)}
+    boxes = run(TemporalFilter(make_settings(), FRAME_SIZE, start_thresholds=START), dets, 40)
+    for f in range(30):
+        (box,) = boxes[f]
+        assert box.source == "detected" and covers(box, moving_box(f))
+    assert all(boxes[f] == [] for f in range(30, 40))
+
+
+def test_weak_detections_never_start_a_track_nor_count_without_tracking():
+    dets = {f: [weak(moving_box(f))] for f in range(10)}
+    for settings in (make_settings(), make_settings(track=False, frame_memory=2)):
+        boxes = run(TemporalFilter(settings, FRAME_SIZE, start_thresholds=START), dets, 10)
+        assert all(boxes[f] == [] for f in range(10))
+    # A class the thresholds do not name: every detection counts.
+    boxes = run(TemporalFilter(make_settings(), FRAME_SIZE, start_thresholds={"face": 0.5}), dets, 10)
+    assert all(len(boxes[f]) == 1 for f in range(10))
+
+
+def test_weak_detection_only_takes_a_track_no_confident_one_continued():
+    # The confident detection continues the track; the weak one beside it is left unmatched and dropped,
+    # and a weak detection far from the track (outside the gates) is dropped too.
+    dets = {f: [moving_box(f)] for f in range(5)}
+    dets[5] = [moving_box(5), weak(moving_box(5, y0=104.0)), weak(moving_box(5, y0=300.0))]
+    boxes = run(TemporalFilter(make_settings(), FRAME_SIZE, start_thresholds=START), dets, 6)
+    (box,) = boxes[5]
+    assert box.score == 0.9 and np.allclose(xyxy(box), xyxy(moving_box(5)))
+
+
 @pytest.mark.parametrize(
     "overrides, stride",
     [({}, 1), (dict(track=False, frame_memory=3), 2), (dict(max_gap=40, pad=30, smoothing=1.0), 3),
@@ -228,7 +266,8 @@ def test_push_returns_frames_within_lookahead(overrides, stride):
     [({}, 1), (dict(max_gap=4, pad=7, smoothing=1.0), 1), (dict(pad=2, frame_memory=2), 3),
      (dict(hold=12, max_gap=2, pad=0, smoothing=0.2), 2)],
 )
-def test_lookahead_is_enough_to_match_whole_clip_result(overrides, stride):
+@pytest.mark.parametrize("start_thresholds", [None, START])
+def test_lookahead_is_enough_to_match_whole_clip_result(overrides, stride, start_thresholds):
     # Same input through a filter that waits for the whole clip: any difference means a frame was
     # declared final before all the input that shapes it had arrived.
     rng = np.random.default_rng(3)
@@ -236,13 +275,13 @@ def test_lookahead_is_enough_to_match_whole_clip_result(overrides, stride):
     clip = []
     for n in range(n_frames):
         dets = [
-            moving_box(n, x0=x0, y0=y0, vx=vx, label=label)
+            moving_box(n, x0=x0, y0=y0, vx=vx, label=label)._replace(score=rng.choice([0.1, 0.9]))
             for x0, y0, vx, label in ((0, 50, 3, "plate"), (600, 200, -4, "face"), (300, 10, 0.5, "plate"))
             if rng.random() < 0.7
         ]
         clip.append(dets if n % stride == 0 else None)
-    streamed = TemporalFilter(RedactSettings(**overrides), FRAME_SIZE, detection_stride=stride)
-    whole = TemporalFilter(RedactSettings(**overrides), FRAME_SIZE, detection_stride=stride)
+    streamed = TemporalFilter(RedactSettings(**overrides), FRAME_SIZE, stride, start_thresholds)
+    whole = TemporalFilter(RedactSettings(**overrides), FRAME_SIZE, stride, start_thresholds)
     whole.lookahead_frames = 10**6
     out_streamed, out_whole = [], []
     for n, dets in enumerate(clip):
