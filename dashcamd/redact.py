@@ -17,9 +17,9 @@ from dashcamd.picture import PLANE_SUBSAMPLING, Picture, limited_range_yuv
 
 __all__ = ["RedactBox", "Redactor", "Region", "plan_region", "region_alpha", "region_mask"]
 
-# The Gaussian runs on a copy downscaled until sigma is this many pixels: cost stops growing with the
-# box (0.3-0.8 ms a 200x100 region at 1080p, mostly mask and blend) and the result is the same
-# low-pass image, because at sigma 2.5 px the gain at the small copy's Nyquist rate is ~e^-31.
+# The Gaussian runs on a copy shrunk by a whole factor until sigma is 2.5-5 pixels there: cost stops
+# growing with the box and the result is the same low-pass image, because at sigma 2.5 px the gain at
+# the small copy's Nyquist rate is ~e^-31.
 _SMALL_SIGMA_PX = 2.5
 _ELLIPSE_LABELS = frozenset({"face"})
 _UNFEATHERED_LABELS = frozenset({"zone"})
@@ -202,17 +202,17 @@ class Redactor:
             small = cv2.resize(patch, cells, interpolation=cv2.INTER_AREA)
             return cv2.resize(small, (roi_w, roi_h), interpolation=cv2.INTER_NEAREST)
         sigma_px = self._blur_strength * region.short_side_px
-        scale = min(1.0, _SMALL_SIGMA_PX / sigma_px)
-        small_w, small_h = max(round(roi_w * scale), 1), max(round(roi_h * scale), 1)
-        small = cv2.resize(patch, (small_w, small_h), interpolation=cv2.INTER_AREA)
-        small = cv2.GaussianBlur(
-            small,
-            (0, 0),
-            sigmaX=sigma_px * small_w / roi_w,
-            sigmaY=sigma_px * small_h / roi_h,
-            borderType=cv2.BORDER_REPLICATE,
-        )
-        return cv2.resize(small, (roi_w, roi_h), interpolation=cv2.INTER_LINEAR)
+        # A whole shrink factor: OpenCV averages k x k blocks on a fast path, ~6x quicker than a
+        # fractional one. The ROI is padded (edge pixels repeated) to a multiple of k, then cropped back.
+        factor = max(int(sigma_px / _SMALL_SIGMA_PX), 1)
+        pad_h, pad_w = -roi_h % factor, -roi_w % factor
+        padded = cv2.copyMakeBorder(patch, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE) if pad_h or pad_w else patch
+        small_size = ((roi_w + pad_w) // factor, (roi_h + pad_h) // factor)
+        small = cv2.resize(padded, small_size, interpolation=cv2.INTER_AREA) if factor > 1 else padded
+        small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma_px / factor, borderType=cv2.BORDER_REPLICATE)
+        if factor == 1:
+            return small
+        return cv2.resize(small, (roi_w + pad_w, roi_h + pad_h), interpolation=cv2.INTER_LINEAR)[:roi_h, :roi_w]
 
 
 def _scaled(box: RedactBox, factor: float) -> RedactBox:
