@@ -39,7 +39,8 @@ from tests.daemon_harness import DaemonProcess, make_random_weights, write_confi
 from tests.helpers import wait_for  # noqa: E402
 from tests.media_factory import make_clip  # noqa: E402
 
-NO_DETECTIONS = {"detector.thresholds": {"plate": 1.0, "face": 1.0}}
+NO_DETECTIONS = {"detector.thresholds": {"plate": 1.0, "face": 1.0},
+                 "redact": {"continue_threshold": 1.0}}  # nor weak ones for the tracker
 CAMERA_FOLDERS = ("DCIM/Front", "DCIM/Rear", "Event", "Parking")
 # Junk kinds, in turn: (relative name pattern, how the file is made, the outcome the daemon must give).
 JUNK_KINDS = (
