@@ -224,7 +224,9 @@ def _run_stages(
                 window[frame.index] = frame
                 found = detections.get(frame.index)
                 for box in found or ():
-                    counts[box.label] = counts.get(box.label, 0) + 1
+                    # Weak detections (below the class threshold, for the tracker only) are not counted.
+                    if box.score >= settings.detector.thresholds.get(box.label, 0.0):
+                        counts[box.label] = counts.get(box.label, 0) + 1
                 _hand_over(temporal.push(frame.index, found), window, redact_queue, stop, failure)
             if on_progress is not None:
                 on_progress(batch[-1].index + 1, frames_total)

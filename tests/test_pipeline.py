@@ -133,6 +133,7 @@ def test_weak_detections_only_continue_tracks_through_the_pipeline(tmp_path):
     assert len(lines) == report.frames > 5
     assert all([box[4] for box in line["boxes"]] == ["plate"] for line in lines)
     assert [line["boxes"][0][5] for line in lines[4:6]] == [0.9, 0.02]
+    assert report.detections == {"plate": 5, "face": 0}  # the log line counts confident detections only
 
 
 def test_the_detector_is_asked_for_the_weak_detections_too(tmp_path, monkeypatch):
