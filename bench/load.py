@@ -35,12 +35,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path[:0] = [str(REPO_ROOT)]  # this checkout's dashcamd and its test harness
 
-from tests.daemon_harness import DaemonProcess, make_random_weights, write_config  # noqa: E402
+from tests.daemon_harness import NO_DETECTIONS, DaemonProcess, make_random_weights, write_config  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 from tests.media_factory import make_clip  # noqa: E402
 
-NO_DETECTIONS = {"detector.thresholds": {"plate": 1.0, "face": 1.0},
-                 "redact": {"continue_threshold": 1.0}}  # nor weak ones for the tracker
 CAMERA_FOLDERS = ("DCIM/Front", "DCIM/Rear", "Event", "Parking")
 # Junk kinds, in turn: (relative name pattern, how the file is made, the outcome the daemon must give).
 JUNK_KINDS = (

@@ -19,6 +19,11 @@ from tests.helpers import wait_for
 
 STARTUP_TIMEOUT_S = 90.0
 
+# Config sections (for write_config) with thresholds no score reaches, nor weak ones for the tracker: random
+# weights would otherwise "detect" hundreds of boxes per frame and make every clip ten times slower. For
+# tests and benchmarks about faults and load, not about what gets redacted.
+NO_DETECTIONS = {"detector.thresholds": {"plate": 1.0, "face": 1.0}, "redact": {"continue_threshold": 1.0}}
+
 
 def make_random_weights(path: Path) -> Path:
     """A real dashcamd checkpoint with random weights: the true detector path, fast at a small size."""

@@ -23,11 +23,6 @@ import pytest
 
 from tests.daemon_harness import DaemonProcess
 
-# Thresholds no score reaches: random weights would otherwise "detect" hundreds of boxes per frame and
-# make every clip ten times slower. These tests are about faults, not about what gets redacted.
-NO_DETECTIONS = {"detector.thresholds": {"plate": 1.0, "face": 1.0},
-                 "redact": {"continue_threshold": 1.0}}  # nor weak ones for the tracker
-
 # Test-only sitecustomize: the daemon's spawned worker imports it too (same environment). It wraps
 # Detector.detect once dashcamd.detect.infer is imported, so the main process never loads torch.
 _SITECUSTOMIZE = textwrap.dedent('''

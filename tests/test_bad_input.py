@@ -20,9 +20,8 @@ import pytest
 
 from dashcamd import publish
 from dashcamd.publish import output_path_for
-from tests.daemon_harness import DaemonProcess, make_random_weights, write_config
+from tests.daemon_harness import NO_DETECTIONS, DaemonProcess, make_random_weights, write_config
 from tests.fault_helpers import (
-    NO_DETECTIONS,
     all_files,
     job_rows,
     make_flat_clip,

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import DaemonProcess, make_random_weights, write_config
+from tests.daemon_harness import NO_DETECTIONS, DaemonProcess, make_random_weights, write_config
 from tests.fault_helpers import (
-    NO_DETECTIONS,
     DetectorGate,
     TimedDaemon,
     all_files,
