@@ -225,7 +225,7 @@ def _run_stages(
                 found = detections.get(frame.index)
                 for box in found or ():
                     # Weak detections (below the class threshold, for the tracker only) are not counted.
-                    if box.score >= settings.detector.thresholds.get(box.label, 0.0):
+                    if temporal.is_confident(box.label, box.score):
                         counts[box.label] = counts.get(box.label, 0) + 1
                 _hand_over(temporal.push(frame.index, found), window, redact_queue, stop, failure)
             if on_progress is not None:

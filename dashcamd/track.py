@@ -190,7 +190,7 @@ class TemporalFilter:
         if detections is not None:
             dets = []
             for det in map(_read_detection, detections):
-                (dets if det.score >= self._start_thresholds.get(det.label, 0.0) else weak).append(det)
+                (dets if self.is_confident(det.label, det.score) else weak).append(det)
         self._raw[frame_index] = dets
         for track in self._tracks:
             # Too long unseen: a later detection of the object starts a new track, not a fill.
@@ -199,6 +199,11 @@ class TemporalFilter:
         if self._track_enabled and (dets or weak):
             self._associate(frame_index, dets, weak)
         return self._finalize_until(frame_index - self.lookahead_frames)
+
+    def is_confident(self, label: str, score: float) -> bool:
+        """Whether a detection may start a track (at or above its class's start threshold), or only
+        continue one."""
+        return score >= self._start_thresholds.get(label, 0.0)
 
     def flush(self) -> list[FrameBoxes]:
         """End of clip: return every frame not yet returned."""
