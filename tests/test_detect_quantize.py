@@ -15,9 +15,9 @@ import torch
 from dashcamd.config import DetectorSettings
 from dashcamd.detect import Detector
 from dashcamd.detect.errors import CheckpointError, DetectorError
-from dashcamd.detect.infer import choose_precision
-from dashcamd.detect.onnx_backend import OnnxRuntimeModel, export_bytes
-from dashcamd.detect.quantize import head_scope, load_ranges, quantize, ranges_path
+from dashcamd.detect.infer import choose_precision, letterbox, letterbox_geometry, letterbox_pixels
+from dashcamd.detect.onnx_backend import OnnxRuntimeModel, _session, export_bytes
+from dashcamd.detect.quantize import INPUT_NAME, PIXELS_NAME, head_scope, load_ranges, quantize, ranges_path
 from dashcamd.train.calibrate import calibrate
 from dashcamd.train.dataset import Sample
 from detect_helpers import one_torch_thread, random_model, write_dashcamd_checkpoint  # noqa: F401
@@ -63,6 +63,49 @@ def test_int8_model_output_stays_close_to_fp32(calibrated) -> None:
     # int8 decode (which would show as a large mean error).
     box_error = (got[..., :4] - expected[..., :4]).abs()
     assert box_error.mean() < 0.5 and box_error.max() < 8.0
+
+
+def test_int8_model_takes_the_pixels_with_the_outputs_of_its_quantized_float_input(calibrated) -> None:
+    """``take_pixels`` drops the input's quantize step (scale 1/255, zero 0) for uint8 pixels: the outputs are
+    bit-identical to the quantized model fed floats, whole levels or resized ones (rounded the same way)."""
+    weights, reference = calibrated
+    int8 = OnnxRuntimeModel(reference, threads=1, int8_ranges=load_ranges(weights))
+    float_input = _session(quantize(export_bytes(reference, (64, 96)), head_scope(reference), load_ranges(weights)), 1)
+    rng = np.random.default_rng(3)
+    pixels = cv2.resize(rng.integers(0, 256, (2 * 8, 12, 3), np.uint8), (96, 2 * 64)).reshape(2, 64, 96, 3)
+    whole = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    resized = torch.from_numpy(rng.uniform(0, 1, (2, 3, 64, 96)).astype(np.float32))
+    resized[0, :, :, :] = (torch.arange(64 * 96).reshape(64, 96) % 255 + 0.5) / 255  # halves, as letterbox makes them
+    session = int8.prepare((64, 96))
+    assert [(i.name, i.type, i.shape[1:]) for i in session.get_inputs()] == [(PIXELS_NAME, "tensor(uint8)", [64, 96, 3])]
+    with torch.inference_mode():
+        for x in (whole, resized):
+            (expected,) = float_input.run(None, {INPUT_NAME: x.numpy()})
+            assert np.array_equal(int8(x).numpy(), expected)
+        assert np.array_equal(int8.forward_pixels(pixels).numpy(), float_input.run(None, {INPUT_NAME: whole.numpy()})[0])
+
+
+@pytest.mark.parametrize("frame_hw", [(90, 160), (160, 90)])  # grey above and below, left and right
+def test_pixel_letterbox_is_the_float_letterbox_in_whole_levels(frame_hw) -> None:
+    geometry = letterbox_geometry(*frame_hw, 96)
+    rng = np.random.default_rng(4)
+    frames = [rng.integers(0, 256, (geometry.resized_h, geometry.resized_w, 3), np.uint8) for _ in range(2)]
+    expected = letterbox(torch.from_numpy(np.stack(frames)), geometry) * 255
+    got = letterbox_pixels(frames, geometry)
+    assert got.shape == (2, geometry.input_h, geometry.input_w, 3) and (geometry.pad_top or geometry.pad_left)
+    assert np.array_equal(got, expected.round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def test_detector_hands_only_shrunk_frames_to_int8_as_pixels(calibrated, monkeypatch) -> None:
+    weights, _ = calibrated
+    detector = Detector(weights, device="cpu", inference_size=96)
+    calls = []
+    forward_pixels = detector._model.forward_pixels
+    monkeypatch.setattr(detector._model, "forward_pixels", lambda p: calls.append(p.shape) or forward_pixels(p))
+    detector.detect([np.zeros((54, 96, 3), np.uint8)] * 3, source_hw=(90, 160))
+    assert calls == [(3, 64, 96, 3)]
+    detector.detect([np.zeros((90, 160, 3), np.uint8)])  # full size: resized in float, then rounded
+    assert len(calls) == 2
 
 
 def test_only_the_detect_head_stays_fp32(calibrated) -> None:

@@ -99,6 +99,17 @@ def letterbox(frames_rgb: torch.Tensor, geometry: LetterboxGeometry, dtype: torc
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
+def letterbox_pixels(frames_rgb: Sequence[np.ndarray], geometry: LetterboxGeometry) -> np.ndarray:
+    """uint8 (resized_h, resized_w, 3) RGB frames, already shrunk (the decoder's scaler) -> uint8 (B, input_h,
+    input_w, 3), the frames in the grey frame: the int8 model's input (``OnnxRuntimeModel.forward_pixels``)."""
+    out = np.full((len(frames_rgb), geometry.input_h, geometry.input_w, 3), PAD_LEVEL, np.uint8)
+    rows = slice(geometry.pad_top, geometry.pad_top + geometry.resized_h)
+    columns = slice(geometry.pad_left, geometry.pad_left + geometry.resized_w)
+    for slot, frame in zip(out, frames_rgb):
+        slot[rows, columns] = frame
+    return out
+
+
 def unletterbox_boxes(boxes_xyxy: torch.Tensor, geometry: LetterboxGeometry) -> torch.Tensor:
     """float (N, 4) model-px boxes -> frame-px boxes, clipped to the frame."""
     offset = boxes_xyxy.new_tensor([geometry.pad_left, geometry.pad_top] * 2)
@@ -357,8 +368,12 @@ class Detector:
         geometry = letterbox_geometry(frame_h, frame_w, self.inference_size, self._input_hw)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with torch.inference_mode(), autocast:
-            batch = torch.from_numpy(np.stack(frames_rgb)).to(self.device, non_blocking=True)
-            pred = self._model(letterbox(batch, geometry, self._dtype, channels_last=self._channels_last))
+            shrunk = frames_rgb[0].shape[:2] == (geometry.resized_h, geometry.resized_w)
+            if shrunk and getattr(self._model, "takes_pixels", False):  # int8 on onnxruntime: no float input
+                pred = self._model.forward_pixels(letterbox_pixels(frames_rgb, geometry))
+            else:
+                batch = torch.from_numpy(np.stack(frames_rgb)).to(self.device, non_blocking=True)
+                pred = self._model(letterbox(batch, geometry, self._dtype, channels_last=self._channels_last))
             per_frame = postprocess(pred, self._class_thresholds, self.iou_threshold)
             out = []
             for boxes, scores, classes in per_frame:

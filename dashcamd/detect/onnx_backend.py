@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,7 +92,7 @@ class OnnxRuntimeModel(nn.Module):
     Exported in memory at start-up and once per new letterbox shape (a clip has one), so the model sees
     exactly the input torch would, padding included. Same interface as ``YoloV5`` in eval mode.
     ``int8_ranges``: a ``dashcamd.detect.quantize`` ranges document for these weights; each shape's export
-    is then quantized from it.
+    is then quantized from it, and takes the 8-bit pixels themselves (``takes_pixels``, ``forward_pixels``).
     """
 
     def __init__(self, model: YoloV5, threads: int | None = None, int8_ranges: dict[str, Any] | None = None) -> None:
@@ -101,6 +102,7 @@ class OnnxRuntimeModel(nn.Module):
         self._int8_ranges = int8_ranges
         self._sessions: dict[tuple[int, int], Any] = {}
         self.names: list[str] = list(model.names)
+        self.takes_pixels = int8_ranges is not None
 
     def prepare(self, input_hw: tuple[int, int]) -> Any:
         """The session for (height, width) inputs, exported (and quantized) on first use."""
@@ -110,14 +112,29 @@ class OnnxRuntimeModel(nn.Module):
             if self._int8_ranges is not None:
                 from dashcamd.detect import quantize
 
-                graph = quantize.quantize(graph, quantize.head_scope(self._model), self._int8_ranges)
+                graph = quantize.take_pixels(
+                    quantize.quantize(graph, quantize.head_scope(self._model), self._int8_ranges))
             session = self._sessions[input_hw] = _session(graph, self._threads)
         return session
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """float (B, 3, H, W) in [0, 1] -> float32 (B, N, 5+nc) on the CPU."""
+        if self.takes_pixels:
+            # Rounded as the int8 model's quantize step did before ``take_pixels`` replaced it: x / scale,
+            # half to even; so resized (non-integer) levels give the same outputs as before too.
+            levels = (x.detach().float().cpu() / torch.tensor(1 / 255, dtype=torch.float32)).round_()
+            pixels = levels.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+            return self.forward_pixels(pixels)
         session = self.prepare((x.shape[2], x.shape[3]))
         (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out)
+
+    def forward_pixels(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 (B, H, W, 3) RGB, letterboxed -> float32 (B, N, 5+nc); int8 models only (``takes_pixels``)."""
+        from dashcamd.detect.quantize import PIXELS_NAME
+
+        session = self.prepare((pixels.shape[1], pixels.shape[2]))
+        (out,) = session.run([OUTPUT_NAME], {PIXELS_NAME: pixels})
         return torch.from_numpy(out)
 
 
