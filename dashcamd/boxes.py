@@ -45,7 +45,7 @@ def pairwise_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
     """IoU matrix (N, M) of boxes a (N, 4) and b (M, 4), xyxy; empty boxes have IoU 0."""
     lo = np.maximum(a_xyxy[:, None, :2], b_xyxy[None, :, :2])
     hi = np.minimum(a_xyxy[:, None, 2:], b_xyxy[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0.0, None), axis=2)
-    area_a = np.prod(np.clip(a_xyxy[:, 2:] - a_xyxy[:, :2], 0.0, None), axis=1)
-    area_b = np.prod(np.clip(b_xyxy[:, 2:] - b_xyxy[:, :2], 0.0, None), axis=1)
+    inter = np.prod(np.maximum(hi - lo, 0.0), axis=2)
+    area_a = np.prod(np.maximum(a_xyxy[:, 2:] - a_xyxy[:, :2], 0.0), axis=1)
+    area_b = np.prod(np.maximum(b_xyxy[:, 2:] - b_xyxy[:, :2], 0.0), axis=1)
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)

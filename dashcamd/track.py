@@ -50,12 +50,9 @@ class _Track:
     scores: list[float] = field(default_factory=list)
     velocity_xy: np.ndarray = field(default_factory=lambda: np.zeros(2))  # centre px per frame
     closed: bool = False
-    _arrays: tuple[np.ndarray, np.ndarray] | None = None  # frames (N,), boxes (N, 4); None = stale
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._arrays is None:
-            self._arrays = (np.asarray(self.frames, dtype=np.float64), np.asarray(self.boxes_xyxy))
-        return self._arrays
+    # The core box of every frame from frames[0] to last: detected, or linearly interpolated across a gap.
+    # Kept as detections arrive, so each output frame only slices it (smoothing reads ~17 frames of it).
+    core_boxes: list[np.ndarray] = field(default_factory=list)
 
     @property
     def last(self) -> int:
@@ -69,13 +66,11 @@ def _read_detection(detection: Detection | Sequence) -> _Det:
         label, score = detection.label, detection.score
     else:
         x1, y1, x2, y2, label, score = detection
-    coords = np.array([x1, y1, x2, y2], dtype=np.float64)
-    if not np.all(np.isfinite(coords)):
+    x1, y1, x2, y2 = float(x1), float(y1), float(x2), float(y2)
+    if not all(map(math.isfinite, (x1, y1, x2, y2))):
         # Failing the clip is safer than publishing it with an object we cannot place.
-        raise ValueError(f"detection with non-finite coordinates: {coords.tolist()}")
-    x_lo, x_hi = sorted(coords[[0, 2]])
-    y_lo, y_hi = sorted(coords[[1, 3]])
-    return _Det(np.array([x_lo, y_lo, x_hi, y_hi]), str(label), float(score))
+        raise ValueError(f"detection with non-finite coordinates: {[x1, y1, x2, y2]}")
+    return _Det(np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]), str(label), float(score))
 
 
 def _centre_size(box_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +227,7 @@ class TemporalFilter:
         used_dets: set[int] = set()
         if not live or not dets:
             return used_tracks, used_dets
-        predicted = np.stack([self._predict(t, frame_index) for t in live])  # (T, 4)
+        predicted = self._predicted(live, frame_index)  # (T, 4)
         observed = np.stack([d.box_xyxy for d in dets])  # (D, 4)
         pred_centre, pred_size = _centre_size(predicted)
         det_centre, det_size = _centre_size(observed)
@@ -256,16 +251,19 @@ class TemporalFilter:
         return used_tracks, used_dets
 
     @staticmethod
-    def _predict(track: _Track, frame_index: int) -> np.ndarray:
-        centre, size = _centre_size(track.boxes_xyxy[-1])
-        return _from_centre_size(centre + track.velocity_xy * (frame_index - track.last), size)
+    def _predicted(live: list[_Track], frame_index: int) -> np.ndarray:
+        """Each track's last box (T, 4) moved along its velocity to ``frame_index``, size unchanged."""
+        last_boxes = np.stack([t.boxes_xyxy[-1] for t in live])
+        shift_xy = np.stack([t.velocity_xy * (frame_index - t.last) for t in live])
+        return last_boxes + np.concatenate([shift_xy, shift_xy], axis=1)
 
     @staticmethod
     def _extend(track: _Track, frame_index: int, det: _Det) -> None:
         if track.frames:
-            step = (_centre_size(det.box_xyxy)[0] - _centre_size(track.boxes_xyxy[-1])[0]) / (
-                frame_index - track.last
-            )
+            previous, gap = track.boxes_xyxy[-1], frame_index - track.last
+            for step_index in range(1, gap):
+                track.core_boxes.append(previous + step_index / gap * (det.box_xyxy - previous))
+            step = (_centre_size(det.box_xyxy)[0] - _centre_size(previous)[0]) / gap
             if len(track.frames) == 1:
                 track.velocity_xy = step
             else:
@@ -273,7 +271,7 @@ class TemporalFilter:
         track.frames.append(frame_index)
         track.boxes_xyxy.append(det.box_xyxy)
         track.scores.append(det.score)
-        track._arrays = None
+        track.core_boxes.append(det.box_xyxy)
 
     # -- output --------------------------------------------------------------------------------
 
@@ -330,17 +328,6 @@ class TemporalFilter:
         x1, y1, x2, y2 = enlarged_xyxy(box.x1, box.y1, box.x2, box.y2, factor)
         return box._replace(x1=x1, y1=y1, x2=x2, y2=y2)
 
-    @staticmethod
-    def _core_boxes(track: _Track, frames: np.ndarray) -> np.ndarray:
-        """Detected or linearly interpolated boxes (N, 4) xyxy at frames (N,) within the track's span."""
-        known_frames, known_boxes = track.arrays()
-        last = len(known_frames) - 1
-        before = np.clip(np.searchsorted(known_frames, frames, side="right") - 1, 0, last)
-        after = np.minimum(before + 1, last)
-        span = known_frames[after] - known_frames[before]
-        t = np.where(span > 0, (frames - known_frames[before]) / np.maximum(span, 1.0), 0.0)
-        return known_boxes[before] + t[:, None] * (known_boxes[after] - known_boxes[before])
-
     def _track_box(self, track: _Track, frame_index: int) -> RedactBox | None:
         last = track.last
         if frame_index < track.start - self._pad or frame_index > last + self._pad:
@@ -364,9 +351,10 @@ class TemporalFilter:
     def _smoothed(self, track: _Track, frame_index: int) -> np.ndarray:
         """Two-sided Gaussian mean of the core boxes, united with every core box within ``hold`` frames
         (so never smaller than the core box itself)."""
-        lo = max(frame_index - self._read_radius, track.frames[0])
+        first = track.frames[0]
+        lo = max(frame_index - self._read_radius, first)
         hi = min(frame_index + self._read_radius, track.last)
-        core = self._core_boxes(track, np.arange(lo, hi + 1, dtype=np.float64))
+        core = np.stack(track.core_boxes[lo - first : hi - first + 1])
         here = frame_index - lo
         held = core[max(here - self._hold, 0) : here + self._hold + 1]
         box = np.concatenate([held[:, :2].min(axis=0), held[:, 2:].max(axis=0)])
@@ -412,5 +400,5 @@ class TemporalFilter:
         for track in self._tracks:
             cut = bisect_left(track.frames, keep_from) - 1
             if cut > 0:
+                del track.core_boxes[:track.frames[cut] - track.frames[0]]
                 del track.frames[:cut], track.boxes_xyxy[:cut], track.scores[:cut]
-                track._arrays = None
