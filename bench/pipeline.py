@@ -388,8 +388,8 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
     staged = [m for m in measurements if "stage_cpu_ms_per_frame" in summaries[m.name]]
     if staged:
         stages = list(summaries[staged[0].name]["stage_cpu_ms_per_frame"])
-        print("\nCPU ms per frame by pipeline thread (medians; other = codec and inference worker threads, "
-              "encoder flush, output check)")
+        print("\nCPU ms per frame by pipeline thread (medians; track = the detect thread's time in the temporal "
+              "filter; other = codec and inference worker threads, encoder flush, output check)")
         print(f"{'measurement':17} " + " ".join(f"{stage:>8}" for stage in stages))
         for m in staged:
             by_stage = summaries[m.name]["stage_cpu_ms_per_frame"]

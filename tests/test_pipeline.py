@@ -15,6 +15,7 @@ from dashcamd.config import load_settings
 from dashcamd.detect import Detection
 from dashcamd.pipeline import load_detector, process_clip, size_thread_pools
 from dashcamd.redact import Redactor
+from dashcamd.track import TemporalFilter
 from tests.media_factory import make_clip
 
 BOX = (96.0, 64.0, 224.0, 176.0)  # inside a 320x240 frame
@@ -195,14 +196,24 @@ class BusyDetector(KnownBoxDetector):
         return super().detect(frames_rgb, source_hw)
 
 
-def test_report_says_where_the_cpu_went(tmp_path):
+def test_report_says_where_the_cpu_went(tmp_path, monkeypatch):
+    push = TemporalFilter.push
+
+    def busy_push(self, frame_index, detections):  # 10 ms of the detect thread's CPU a frame, in the tracker
+        started = time.thread_time()
+        while time.thread_time() - started < 0.010:
+            pass
+        return push(self, frame_index, detections)
+
+    monkeypatch.setattr(TemporalFilter, "push", busy_push)
     clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
     report = process_clip(clip, tmp_path / "out" / "in.mp4", _settings(tmp_path), BusyDetector())
     cpu = report.cpu_ms_per_frame
-    assert set(cpu) == {"decode", "detect", "redact", "encode", "other", "total"}
-    assert 20.0 <= cpu["detect"] <= cpu["total"]  # the busy loop is charged to the detect stage's thread
+    assert set(cpu) == {"decode", "detect", "track", "redact", "encode", "other", "total"}
+    assert 20.0 <= cpu["detect"] < 30.0  # the detector's busy loop, charged to the detect stage's thread
+    assert 10.0 <= cpu["track"] < 20.0  # the tracker's, split out of that thread's time
     assert cpu["decode"] > 0 and cpu["redact"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
-    stages = cpu["decode"] + cpu["detect"] + cpu["redact"] + cpu["encode"] + cpu["other"]
+    stages = sum(cpu[stage] for stage in ("decode", "detect", "track", "redact", "encode", "other"))
     assert abs(stages - cpu["total"]) < 0.05  # the parts add up (rounding)
 
 
