@@ -66,6 +66,17 @@ def test_gap_within_max_gap_is_filled_linearly(smoothing):
         np.testing.assert_allclose(xyxy(box), xyxy(moving_box(f)), atol=1e-6)
 
 
+def test_gaps_stay_linear_after_old_detections_are_forgotten():
+    """A long track with a gap every few frames, smoothed and held: the look-ahead window trims old detections
+    (and their interpolated frames) many times over, and every frame's box stays where the object is."""
+    dets = {f: [moving_box(f, x0=0.0, vx=2.0)] for f in range(300) if f % 4 in (0, 1)}  # gaps of 2
+    boxes = run(TemporalFilter(make_settings(max_gap=3, smoothing=0.5, hold=2), (1280, 360)), dets, 300)
+    for f in range(30, 270):
+        (box,) = boxes[f]
+        # Hold unites the object's boxes of frames f-2..f+2: it moves 2 px a frame along x.
+        np.testing.assert_allclose(xyxy(box), xyxy(moving_box(f, x0=0.0, vx=2.0)) + [-4, 0, 4, 0], atol=1e-6)
+
+
 def test_no_fill_beyond_max_gap():
     dets = {f: [moving_box(f)] for f in range(25) if not 10 <= f <= 15}  # gap of 6 frames
     boxes = run(TemporalFilter(make_settings(max_gap=5), FRAME_SIZE), dets, 25)
