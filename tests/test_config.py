@@ -36,13 +36,13 @@ def test_minimal_file_gets_defaults(tmp_path):
     assert settings.detector.weights.name == "dashcamd-n-v1.pt"
 
 
-
 def test_detector_reports_weaker_detections_only_for_tracks(tmp_path):
     thresholds = "[detector.thresholds]\nplate = 0.3\nface = 0.005\n"
     tracked = load_settings(_write(tmp_path, MINIMAL + thresholds + "[redact]\ncontinue_threshold = 0.02\n"))
     assert tracked.detector_thresholds() == {"plate": 0.02, "face": 0.005}
     untracked = load_settings(_write(tmp_path, MINIMAL + thresholds + "[redact]\ntrack = false\n"))
     assert untracked.detector_thresholds() == {"plate": 0.3, "face": 0.005}
+
 
 def test_environment_overrides_file_and_keeps_other_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("DASHCAMD_ENCODER__CRF", "27")

@@ -107,7 +107,6 @@ def test_detection_stride_runs_the_detector_on_every_kth_frame(tmp_path):
     assert report.redacted_frames == report.frames
 
 
-
 class FadingPlateDetector(KnownBoxDetector):
     """The plate at BOX scores 0.9 on the first 5 frames, then 0.02 (below the threshold); a face that
     never reaches its threshold sits in a corner throughout."""
@@ -144,6 +143,7 @@ def test_the_detector_is_asked_for_the_weak_detections_too(tmp_path, monkeypatch
     monkeypatch.setattr(dashcamd.detect, "Detector", lambda weights, **kwargs: built.update(kwargs))
     load_detector(_settings(tmp_path, redact={"continue_threshold": 0.02}))
     assert built["thresholds"] == {"plate": 0.02, "face": 0.02}
+
 
 def test_cancellation_leaves_no_file_behind(tmp_path):
     clip = make_clip(tmp_path / "in.mp4", width=160, height=96, seconds=2.0)
