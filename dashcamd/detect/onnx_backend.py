@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dashcamd.detect import quantize
 from dashcamd.detect.checkpoint import load_model
 from dashcamd.detect.errors import CheckpointError
 from dashcamd.detect.model import YoloV5
@@ -110,8 +111,6 @@ class OnnxRuntimeModel(nn.Module):
         if session is None:
             graph = export_bytes(self._model, input_hw)
             if self._int8_ranges is not None:
-                from dashcamd.detect import quantize
-
                 graph = quantize.take_pixels(
                     quantize.quantize(graph, quantize.head_scope(self._model), self._int8_ranges))
             session = self._sessions[input_hw] = _session(graph, self._threads)
@@ -131,10 +130,8 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward_pixels(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (B, H, W, 3) RGB, letterboxed -> float32 (B, N, 5+nc); int8 models only (``takes_pixels``)."""
-        from dashcamd.detect.quantize import PIXELS_NAME
-
         session = self.prepare((pixels.shape[1], pixels.shape[2]))
-        (out,) = session.run([OUTPUT_NAME], {PIXELS_NAME: pixels})
+        (out,) = session.run([OUTPUT_NAME], {quantize.PIXELS_NAME: pixels})
         return torch.from_numpy(out)
 
 
