@@ -21,30 +21,38 @@ PLANE_SUBSAMPLING = (1, 2, 2)  # Y at full resolution, U and V at half in both d
 
 @dataclass(frozen=True, slots=True)
 class Picture:
-    """One frame as a single I420 buffer: Y (height x width), then U and V (height/2 x width/2).
+    """One frame in an FFmpeg ``yuv420p`` VideoFrame of its own, with writable numpy views of its planes:
+    Y (height x width), then U and V (height/2 x width/2), each row ``line_size`` bytes apart.
+
+    Why a VideoFrame and not a numpy buffer: the encoder takes it as it is (``to_frame``), where copying
+    a numpy buffer into a new VideoFrame (PyAV's ``from_ndarray``) held the interpreter lock for ~0.7 ms a
+    1080p frame, a lock the pipeline's four threads share (bench/gil.py). The copy in from the decoder stays:
+    the decoder may still read its frames as references.
 
     ``width`` and ``height`` are even. A source with an odd side gets one more column or row that
     repeats its edge (x264's 4:2:0 needs even sides); no source pixel is lost.
     """
 
-    buffer: np.ndarray  # uint8 (height * 3 // 2, width): I420 as FFmpeg's yuv420p ndarrays have it
+    frame: av.VideoFrame
     width: int
     height: int
+    _planes: tuple[np.ndarray, np.ndarray, np.ndarray]
 
     @classmethod
     def blank(cls, width: int, height: int) -> Picture:
+        """A picture of undefined content (as ``np.empty``), to be written over."""
         if width % 2 or height % 2:
             raise ValueError(f"4:2:0 needs even sides, got {width}x{height}")
-        return cls(np.empty((height * 3 // 2, width), np.uint8), width, height)
+        frame = av.VideoFrame(width, height, "yuv420p")
+        planes = tuple(
+            np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
+            for plane in frame.planes
+        )
+        return cls(frame, width, height, planes)
 
     def planes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Writable views (Y, U, V) into the buffer; see PLANE_SUBSAMPLING for their scales."""
-        flat = self.buffer.reshape(-1)
-        luma_size, chroma_size = self.width * self.height, self.width * self.height // 4
-        chroma_shape = (self.height // 2, self.width // 2)
-        return (flat[:luma_size].reshape(self.height, self.width),
-                flat[luma_size:luma_size + chroma_size].reshape(chroma_shape),
-                flat[luma_size + chroma_size:].reshape(chroma_shape))
+        """Writable views (Y, U, V) into the frame; see PLANE_SUBSAMPLING for their scales."""
+        return self._planes
 
     @classmethod
     def from_frame(cls, frame: av.VideoFrame) -> Picture:
@@ -68,8 +76,9 @@ class Picture:
             luma[height:] = luma[height - 1:height]
 
     def to_frame(self) -> av.VideoFrame:
-        """A new ``yuv420p`` VideoFrame holding a copy of the pixels (the encoder may keep it)."""
-        return av.VideoFrame.from_ndarray(self.buffer, format="yuv420p")
+        """The picture's own VideoFrame, not a copy: hand it to the encoder once redaction is done with it
+        (x264 copies the pixels in before ``encode`` returns)."""
+        return self.frame
 
 
 def limited_range_yuv(rgb: tuple[int, int, int], matrix: str) -> tuple[int, int, int]:
