@@ -159,6 +159,18 @@ class RedactSettings(_Section):
         description="detections below their class threshold, down to this score, only continue a track",
     )
     zones: list[PrivacyZone] = Field(default_factory=list)
+    processes: int | Literal["auto"] = Field(
+        default="auto",
+        description="helper processes that redact (0 = the pipeline's own redact thread); auto = 2 with 8 or "
+                    "more CPU cores on Linux, else 0",
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _process_count(cls, value: int | str) -> int | str:
+        if value != "auto" and not 0 <= value <= 16:
+            raise ValueError("processes must be 'auto' or 0-16")
+        return value
 
 
 class EncoderSettings(_Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -351,10 +351,14 @@ class ClipReader:
     straight from the decoded YUV with area averaging. That costs about as much as the full-size RGB
     conversion (~1.5 ms at 1080p), where resizing the RGB frame afterwards in torch cost ~35 ms a frame
     on one CPU core (bench/README.md).
+
+    ``pictures``: where each frame is copied to (e.g. ``SharedFrames.take``); when it returns None, or is
+    None, a new Picture of the frame's own.
     """
 
     def __init__(self, path: Path | str, *, decode_threads: int = 0, info: ClipInfo | None = None,
-                 detector_size: tuple[int, int] | None = None) -> None:
+                 detector_size: tuple[int, int] | None = None,
+                 pictures: Callable[[], Picture | None] | None = None) -> None:
         self.path = Path(path)
         self.info = info if info is not None else probe(self.path)
         self._container = _open_input(self.path, self.info.size_bytes)
@@ -363,6 +367,7 @@ class ClipReader:
         self._video.codec_context.thread_count = decode_threads
         self._reformatter = VideoReformatter()
         self._detector_size = detector_size
+        self._pictures = pictures
         self._detector_reformatter = VideoReformatter()  # its own cached swscale context
         self._matrix = _SWS_MATRIX[self.info.color_matrix]
         self._source_range = "JPEG" if self.info.color_range == "pc" else "MPEG"
@@ -492,8 +497,8 @@ class ClipReader:
                 frame, format="rgb24", width=width, height=height, interpolation="AREA",
                 src_colorspace=self._matrix, src_color_range=self._source_range, dst_color_range="JPEG")
             detector_rgb = np.ascontiguousarray(small.to_ndarray())  # odd widths come back with padded rows
-        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, Picture.from_frame(yuv),
-                               detector_rgb)
+        picture = Picture.from_frame(yuv, into=self._pictures() if self._pictures is not None else None)
+        decoded = DecodedFrame(self.frames_decoded, frame.pts, self.info.time_base, picture, detector_rgb)
         self.frames_decoded += 1
         return decoded
 

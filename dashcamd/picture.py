@@ -8,6 +8,7 @@ leaves every unredacted pixel exactly as decoded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -19,47 +20,64 @@ _LUMA_WEIGHTS = {"bt709": (0.2126, 0.0722), "bt601": (0.299, 0.114)}
 PLANE_SUBSAMPLING = (1, 2, 2)  # Y at full resolution, U and V at half in both directions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Picture:
-    """One frame in an FFmpeg ``yuv420p`` VideoFrame of its own, with writable numpy views of its planes:
-    Y (height x width), then U and V (height/2 x width/2), each row ``line_size`` bytes apart.
+    """One frame's Y (height x width), U and V (height/2 x width/2) planes as writable numpy views, in one of
+    two homes:
 
-    Why a VideoFrame and not a numpy buffer: the encoder takes it as it is (``to_frame``), where copying
-    a numpy buffer into a new VideoFrame (PyAV's ``from_ndarray``) held the interpreter lock for ~0.7 ms a
-    1080p frame, a lock the pipeline's four threads share (bench/gil.py). The copy in from the decoder stays:
-    the decoder may still read its frames as references.
+    - an FFmpeg ``yuv420p`` VideoFrame of its own (``blank``, ``from_frame``), which the encoder takes as it is
+      (``to_frame``). Why not a numpy buffer: copying one into a new VideoFrame (PyAV's ``from_ndarray``)
+      held the interpreter lock ~0.7 ms a 1080p frame, a lock the pipeline's threads share (bench/gil.py);
+    - a slot of memory shared with redaction processes (``in_slot``, see dashcamd.shared_frames), which
+      ``to_frame`` copies out (numpy copies, run without the lock) before giving the slot back.
 
+    The copy in from the decoder stays either way: the decoder may still read its frames as references.
     ``width`` and ``height`` are even. A source with an odd side gets one more column or row that
     repeats its edge (x264's 4:2:0 needs even sides); no source pixel is lost.
     """
 
-    frame: av.VideoFrame
     width: int
     height: int
     _planes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    _frame: av.VideoFrame | None = None
+    slot: int | None = None  # the shared slot it lives in, if any
+    _give_back: Callable[[int], None] | None = None
 
     @classmethod
     def blank(cls, width: int, height: int) -> Picture:
-        """A picture of undefined content (as ``np.empty``), to be written over."""
-        if width % 2 or height % 2:
-            raise ValueError(f"4:2:0 needs even sides, got {width}x{height}")
+        """A picture of undefined content (as ``np.empty``) in a VideoFrame of its own, to be written over."""
+        _check_even(width, height)
         frame = av.VideoFrame(width, height, "yuv420p")
         planes = tuple(
             np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :plane.width]
             for plane in frame.planes
         )
-        return cls(frame, width, height, planes)
+        return cls(width, height, planes, frame)
+
+    @classmethod
+    def in_slot(cls, memory: np.ndarray, width: int, height: int, slot: int | None = None,
+                give_back: Callable[[int], None] | None = None) -> Picture:
+        """A picture over ``memory`` (uint8, at least ``width * height * 3 // 2`` bytes: I420, rows packed).
+        ``give_back(slot)`` is called once ``to_frame`` has copied the pixels out."""
+        _check_even(width, height)
+        luma_size, chroma_size = width * height, width * height // 4
+        chroma_shape = (height // 2, width // 2)
+        planes = (memory[:luma_size].reshape(height, width),
+                  memory[luma_size:luma_size + chroma_size].reshape(chroma_shape),
+                  memory[luma_size + chroma_size:luma_size + 2 * chroma_size].reshape(chroma_shape))
+        return cls(width, height, planes, None, slot, give_back)
 
     def planes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Writable views (Y, U, V) into the frame; see PLANE_SUBSAMPLING for their scales."""
+        """Writable views (Y, U, V) of the pixels; see PLANE_SUBSAMPLING for their scales."""
         return self._planes
 
     @classmethod
-    def from_frame(cls, frame: av.VideoFrame) -> Picture:
-        """Copy a decoded ``yuv420p`` frame (any size) into a new Picture."""
+    def from_frame(cls, frame: av.VideoFrame, into: Picture | None = None) -> Picture:
+        """Copy a decoded ``yuv420p`` frame (any size) into ``into`` (a picture of its size rounded up to
+        even), or into a new Picture."""
         if frame.format.name != "yuv420p":
             raise ValueError(f"expected a yuv420p frame, got {frame.format.name}")
-        picture = cls.blank(frame.width + frame.width % 2, frame.height + frame.height % 2)
+        picture = into or cls.blank(frame.width + frame.width % 2, frame.height + frame.height % 2)
         for target, plane in zip(picture.planes(), frame.planes):
             rows = np.frombuffer(plane, np.uint8, count=plane.line_size * plane.height)
             target[:plane.height, :plane.width] = rows.reshape(plane.height, plane.line_size)[:, :plane.width]
@@ -76,9 +94,22 @@ class Picture:
             luma[height:] = luma[height - 1:height]
 
     def to_frame(self) -> av.VideoFrame:
-        """The picture's own VideoFrame, not a copy: hand it to the encoder once redaction is done with it
-        (x264 copies the pixels in before ``encode`` returns)."""
-        return self.frame
+        """The pixels as a VideoFrame for the encoder; the picture is handed over (x264 copies the pixels in
+        before ``encode`` returns). A picture in a VideoFrame gives that frame itself; one in a shared slot
+        is copied into a new frame and its slot given back, so do not touch it afterwards."""
+        if self._frame is not None:
+            return self._frame
+        frame = Picture.blank(self.width, self.height)
+        for target, source in zip(frame.planes(), self._planes):
+            target[...] = source
+        if self._give_back is not None and self.slot is not None:
+            self._give_back(self.slot)
+        return frame.to_frame()
+
+
+def _check_even(width: int, height: int) -> None:
+    if width % 2 or height % 2:
+        raise ValueError(f"4:2:0 needs even sides, got {width}x{height}")
 
 
 def limited_range_yuv(rgb: tuple[int, int, int], matrix: str) -> tuple[int, int, int]:

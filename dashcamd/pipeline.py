@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import resource
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,12 +27,14 @@ from typing import Any, NamedTuple, TextIO
 import cv2
 import structlog
 
-from dashcamd import publish
+from dashcamd import publish, shared_frames
 from dashcamd.config import Settings
 from dashcamd.errors import InvalidClip, SourceChanged, TransientError
 from dashcamd.media import ClipReader, ClipWriter, DecodedFrame, probe
 from dashcamd.boxes import RedactBox
 from dashcamd.redact import Redactor
+from dashcamd.redact_processes import RedactionProcesses
+from dashcamd.shared_frames import SharedFrames
 from dashcamd.track import FrameBoxes, TemporalFilter
 
 QUEUE_TIMEOUT_S = 0.5
@@ -55,8 +59,9 @@ class ClipReport:
     # CPU milliseconds per frame by where they went: the decode, detect, redact and encode stages' own threads
     # (Python and whatever the libraries run on the calling thread; the detect thread's share spent in the
     # temporal filter is "track", not "detect"), "other" (FFmpeg's and x264's frame
-    # threads, torch's and onnxruntime's worker threads, the encoder flush, the output check) and "total"
-    # (the process, from probe to publish). Where the time goes on a given machine, for the benchmark.
+    # threads, torch's and onnxruntime's worker threads, the encoder flush, the output check), "helpers"
+    # (the redaction processes, if any) and "total" (the process and its helpers, from probe to publish).
+    # Where the time goes on a given machine, for the benchmark.
     cpu_ms_per_frame: dict[str, float] = field(default_factory=dict)
 
     def as_fields(self) -> dict[str, Any]:
@@ -76,6 +81,15 @@ def size_thread_pools(settings: Settings) -> None:
 
     torch.set_num_threads(settings.detector.torch_threads or max(1, (os.cpu_count() or 2) - 1))
     cv2.setNumThreads(1)
+
+
+def redaction_process_count(settings: Settings) -> int:
+    """The configured number of redaction helper processes, "auto" resolved: 2 with 8 or more cores on Linux
+    (a GPU host, where the interpreter lock bounds the pipeline; README, "Measured speed"), else none."""
+    wanted = settings.redact.processes
+    if wanted == "auto":
+        wanted = 2 if (os.cpu_count() or 1) >= 8 else 0
+    return wanted if shared_frames.supported() else 0
 
 
 def load_detector(settings: Settings):
@@ -109,7 +123,7 @@ def process_clip(
     Raises InvalidClip (never retry), TransientError / SourceChanged (retry), or whatever the callback
     raises (cancellation). On any failure no partial file is left at ``output``.
     """
-    started, cpu_started = time.monotonic(), time.process_time()
+    started, cpu_started, helpers_cpu_started = time.monotonic(), time.process_time(), _waited_children_cpu_s()
     info = probe(source)
     before = _identity(source)
     if boxes_path is None and settings.output.boxes_sidecar:
@@ -125,16 +139,25 @@ def process_clip(
             # The decoder shrinks frames for the detector (see ClipReader); a detector that answers
             # None does not look at pixels (test doubles, the benchmark's copy limit) and gets None.
             detector_size = detector.resized_size(info.height, info.width)
-            with (ClipReader(source, info=info, detector_size=detector_size) as reader,
-                  ClipWriter(temp_video, reader, settings.encoder) as writer):
-                boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
-                try:
-                    done = _run_stages(reader, writer, settings, detector, on_progress, boxes_file)
-                finally:
-                    if boxes_file is not None:
-                        boxes_file.close()
+            frames, helpers = _start_redaction_processes(settings, info.width, info.height, info.color_matrix)
+            try:
+                with (ClipReader(source, info=info, detector_size=detector_size,
+                                 pictures=frames.take if frames else None) as reader,
+                      ClipWriter(temp_video, reader, settings.encoder) as writer):
+                    boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
+                    try:
+                        done = _run_stages(reader, writer, settings, detector, on_progress, boxes_file, helpers)
+                    finally:
+                        if boxes_file is not None:
+                            boxes_file.close()
+            finally:
+                if helpers is not None:
+                    helpers.close()
+                if frames is not None:
+                    frames.close()
             publish.verify_output(info, temp_video, frames_dropped=reader.frames_dropped)
             cpu_total_s = time.process_time() - cpu_started
+            helpers_cpu_s = _waited_children_cpu_s() - helpers_cpu_started  # the helpers are reaped by now
         except InvalidClip as invalid:
             # A clip rewritten under the reader decodes as garbage; that is a new version to process, not a
             # broken clip to quarantine (found by tests/test_faults.py).
@@ -152,7 +175,8 @@ def process_clip(
                 temp.unlink(missing_ok=True)
     seconds = time.monotonic() - started
     fps = done.frames / seconds if seconds > 0 else 0.0
-    cpu_s = {**done.cpu_s, "other": max(0.0, cpu_total_s - sum(done.cpu_s.values())), "total": cpu_total_s}
+    cpu_s = {**done.cpu_s, "other": max(0.0, cpu_total_s - sum(done.cpu_s.values())), "helpers": helpers_cpu_s,
+             "total": cpu_total_s + helpers_cpu_s}
     return ClipReport(
         output=str(output),
         frames=done.frames,
@@ -163,6 +187,33 @@ def process_clip(
         redacted_frames=done.redacted,
         cpu_ms_per_frame={where: round(1000 * s / max(done.frames, 1), 2) for where, s in cpu_s.items()},
     )
+
+
+def _start_redaction_processes(settings: Settings, width: int, height: int, color_matrix: str
+                               ) -> tuple[SharedFrames | None, RedactionProcesses | None]:
+    """Shared frame slots and the helpers that redact in them, or (None, None) for redaction in-thread.
+
+    Slots: enough for every frame the stages can hold at once (queues, batch, the tracker's look-ahead); when
+    they run out the reader hands out private frames, which the redact thread redacts itself.
+    """
+    count = redaction_process_count(settings)
+    if count == 0:
+        return None, None
+    look_ahead = TemporalFilter(settings.redact, (width, height), settings.detector.detection_stride).lookahead_frames
+    # Queues (3 x 2 batches), the batch being filled, the tracker's window (look-ahead + a batch), the frames
+    # out at the helpers (2 each), and one in each stage's hands.
+    slots = look_ahead + 8 * settings.detector.batch_size + 2 * count + 4
+    frames = SharedFrames(width + width % 2, height + height % 2, slots)
+    try:
+        return frames, RedactionProcesses(settings.redact, color_matrix, frames, count)
+    except BaseException:
+        frames.close()
+        raise
+
+
+def _waited_children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -187,6 +238,7 @@ def _run_stages(
     detector,
     on_progress: ProgressCallback | None,
     boxes_file: TextIO | None,
+    helpers: RedactionProcesses | None = None,
 ) -> _StagesDone:
     detect_cpu_started = time.thread_time()
     info = reader.info
@@ -215,8 +267,8 @@ def _run_stages(
     frames = reader.frames()
     threads = [
         _stage_thread("decode", lambda: _decode_frames(frames, decoded, stop, failure), stop, failure, cpu_s),
-        _stage_thread("redact", lambda: _redact_frames(redact_queue, encode_queue, redactor, boxes_file, stop, failure),
-                      stop, failure, cpu_s),
+        _stage_thread("redact", lambda: _redact_frames(redact_queue, encode_queue, redactor, helpers, boxes_file,
+                                                       stop, failure), stop, failure, cpu_s),
         _stage_thread("encode", lambda: _encode_frames(encode_queue, writer, settings.encoder.nice, stop, encode_stats),
                       stop, failure, cpu_s),
     ]
@@ -281,19 +333,32 @@ def _decode_frames(frames: Iterator[DecodedFrame], out: queue.Queue, stop: threa
     _put(out, _END, stop, failure)
 
 
-def _redact_frames(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, boxes_file: TextIO | None,
-                   stop: threading.Event, failure: list[BaseException]) -> None:
+def _redact_frames(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, helpers: RedactionProcesses | None,
+                   boxes_file: TextIO | None, stop: threading.Event, failure: list[BaseException]) -> None:
+    """Redact each frame (here, or in a helper process when it lives in a shared slot) and pass the frames on
+    in order. Up to two frames a helper are out at once, so the helpers work while this thread reads on."""
+    out_at_once = 2 * helpers.count if helpers is not None else 0
+    pending: deque[tuple[object, int | None]] = deque()  # (item, the helper redacting it, if any)
     while True:
         item = _get(in_queue, stop)
         if item is None:
             return
+        helper = None
         if item is not _END:
             frame, boxes = item
-            redactor.apply(frame.picture, boxes)
+            if boxes and helpers is not None and frame.picture.slot is not None:
+                helper = helpers.submit(frame.picture.slot, boxes)
+            elif boxes:
+                redactor.apply(frame.picture, boxes)
             if boxes_file is not None:
                 boxes_file.write(_boxes_line(frame, boxes))
-        if not _put(out, item, stop, failure) or item is _END:
-            return
+        pending.append((item, helper))
+        while pending and (item is _END or pending[0][1] is None or len(pending) > out_at_once):
+            oldest, helper = pending.popleft()
+            if helper is not None and not helpers.wait(helper, stop.is_set):
+                return
+            if not _put(out, oldest, stop, failure) or oldest is _END:
+                return
 
 
 def _encode_frames(in_queue: queue.Queue, writer: ClipWriter, nice: int, stop: threading.Event,

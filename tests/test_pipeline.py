@@ -39,8 +39,10 @@ class KnownBoxDetector:
 
 
 def _settings(tmp_path: Path, **sections):
+    # Redaction in this process's redact thread, whatever "auto" picks on this machine's cores (the helper
+    # processes have tests of their own, tests/test_redact_processes.py).
     values = {"paths": {"watch": [str(tmp_path)], "output": str(tmp_path / "out"), "state": str(tmp_path / "s")},
-              "redact": {"feather": 0.0, "enlarge": {"plate": 1.0, "face": 1.0}}}
+              "redact": {"feather": 0.0, "enlarge": {"plate": 1.0, "face": 1.0}, "processes": 0}}
     for section, keys in sections.items():
         values.setdefault(section, {}).update(keys)
     return load_settings(None, values)
@@ -209,11 +211,12 @@ def test_report_says_where_the_cpu_went(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "in.mp4", width=320, height=240, seconds=1.0)
     report = process_clip(clip, tmp_path / "out" / "in.mp4", _settings(tmp_path), BusyDetector())
     cpu = report.cpu_ms_per_frame
-    assert set(cpu) == {"decode", "detect", "track", "redact", "encode", "other", "total"}
+    assert set(cpu) == {"decode", "detect", "track", "redact", "encode", "other", "helpers", "total"}
     assert 20.0 <= cpu["detect"] < 30.0  # the detector's busy loop, charged to the detect stage's thread
     assert 10.0 <= cpu["track"] < 20.0  # the tracker's, split out of that thread's time
     assert cpu["decode"] > 0 and cpu["redact"] > 0 and cpu["encode"] > 0 and cpu["other"] >= 0
-    stages = sum(cpu[stage] for stage in ("decode", "detect", "track", "redact", "encode", "other"))
+    assert cpu["helpers"] == 0
+    stages = sum(cpu[stage] for stage in ("decode", "detect", "track", "redact", "encode", "other", "helpers"))
     assert abs(stages - cpu["total"]) < 0.05  # the parts add up (rounding)
 
 
