@@ -7,7 +7,8 @@ go no faster than their sum, however many cores there are. This measures that su
 any machine, so the work on it can be checked without a GPU.
 
     pip install py-spy   # a sampling profiler (a dev tool; not a dashcamd dependency)
-    python bench/gil.py [--mode replay|full] [--clip var/bench/speed_clip.mp4] [--rate 200] [--top 8] [--json OUT]
+    python bench/gil.py [--mode replay|full] [--processes auto|N] [--clip var/bench/speed_clip.mp4] [--rate 200]
+                        [--top 8] [--json OUT]
 
 How: ``replay`` (the default): one subprocess runs the detector over the clip through ``process_clip`` and
 saves its answers; a second replays them through ``process_clip`` (everything but inference, as the speed
@@ -15,8 +16,10 @@ benchmark's ``replay``) under ``py-spy record --gil``, which keeps only the samp
 the lock. ``full``: one subprocess under py-spy runs the real detector (after a warm-up batch), so the
 detect thread's share includes what inference holds the lock for (on CUDA, every kernel launch). Samples in
 the stage threads and under ``process_clip`` in the main thread, divided by the sampling rate and the
-frames, give lock-held ms a frame per thread. Where threads outnumber idle cores (2 cores here), a thread the
-system pre-empts while it holds the lock still counts as holding it: figures there are upper bounds.
+frames, give lock-held ms a frame per thread. ``--processes``: ``[redact] processes`` (helper processes
+redacting outside this interpreter; the settings' "auto" picks none on fewer than 8 cores). Where threads outnumber idle cores (2 cores here), a thread the
+system pre-empts while it holds the lock still counts as holding it: figures there are upper bounds, unless
+``--pace`` holds the replay to a rate that leaves the cores idle part of the time.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -46,18 +50,23 @@ MAIN_THREAD, MAIN_STAGE, MAIN_WINDOW = "MainThread", "detect+track", "process_cl
 class _Recorder:
     """The real detector, with every answer kept (record) or given back without inference (replay)."""
 
-    def __init__(self, detector, answers: list | None = None) -> None:
+    def __init__(self, detector, answers: list | None = None, pace_fps: float = 0.0) -> None:
         self._detector = detector
         self.names, self.device = detector.names, detector.device
         self.answers = [] if answers is None else answers
         self._replaying = answers is not None
         self._next = 0
+        self._pace_fps = pace_fps
+        self._started: float | None = None
 
     def resized_size(self, frame_h: int, frame_w: int):
         return self._detector.resized_size(frame_h, frame_w)
 
     def detect(self, frames_rgb, source_hw=None) -> list:
         if self._replaying:
+            if self._pace_fps:
+                self._started = self._started or time.monotonic()
+                time.sleep(max(0.0, self._started + self._next / self._pace_fps - time.monotonic()))
             found = self.answers[self._next:self._next + len(frames_rgb)]
             self._next += len(frames_rgb)
             return found
@@ -66,7 +75,8 @@ class _Recorder:
         return found
 
 
-def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path: Path | None) -> None:
+def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path: Path | None,
+              processes: str, pace_fps: float) -> None:
     """``record``: save the detector's answers for ``clip``; ``replay``: process it with them; ``full``: process
     it with the detector itself. The last two write the clip's report as JSON."""
     import structlog
@@ -77,8 +87,11 @@ def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
                         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
-    settings = load_settings(None, {"paths": {"watch": [str(work / "watch")], "output": str(work / "output"),
-                                              "state": str(work / "state")}})
+    overrides: dict = {"paths": {"watch": [str(work / "watch")], "output": str(work / "output"),
+                                 "state": str(work / "state")}}
+    if processes != "auto":
+        overrides["redact"] = {"processes": int(processes)}
+    settings = load_settings(None, overrides)
     detector = load_detector(settings)
     output = work / f"{mode}.mp4"
     if mode == "record":
@@ -93,7 +106,7 @@ def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path
         blank = np.zeros((*detector.resized_size(info.height, info.width), 3), np.uint8)
         detector.detect([blank] * settings.detector.batch_size, source_hw=(info.height, info.width))  # warm-up
     else:
-        detector = _Recorder(detector, pickle.loads(answers_path.read_bytes()))
+        detector = _Recorder(detector, pickle.loads(answers_path.read_bytes()), pace_fps)
     report = process_clip(clip, output, settings, detector)
     report_path.write_text(json.dumps(report.as_fields()))
 
@@ -115,7 +128,7 @@ def lock_held_by_thread(raw_samples: Path, rate_hz: float, frames: int, top: int
             continue
         held[stage] += int(count)
         ours = [f for f in frames_in_stack if "dashcamd/" in f]
-        lines[stage][ours[-1] if ours else frames_in_stack[-1]] += int(count)
+        lines[stage][ours[-1] if ours else (frames_in_stack or ["(no Python frame)"])[-1]] += int(count)
     per_frame = {stage: 1000 * n / rate_hz / frames for stage, n in held.items()}
     return {
         "ms_per_frame": {stage: round(ms, 2) for stage, ms in sorted(per_frame.items())},
@@ -129,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("replay", "full"), default="replay",
                         help="replay: the detector's answers replayed (all but inference); full: the real detector")
+    parser.add_argument("--processes", default="auto", help="[redact] processes: auto or a number")
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="replay: hold the pipeline to this many frames/s, so that it leaves cores idle")
     parser.add_argument("--clip", type=Path, default=REPO_ROOT / "var/bench/speed_clip.mp4",
                         help="made by bench/synth.py (the speed clip) when missing")
     parser.add_argument("--rate", type=float, default=200, help="py-spy samples a second")
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run_child(args.child, args.clip, args.answers, args.work, args.report)
+        run_child(args.child, args.clip, args.answers, args.work, args.report, args.processes, args.pace)
         return 0
     py_spy = shutil.which("py-spy")
     if py_spy is None:
@@ -151,16 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dashcamd-gil-") as temp:
         work = Path(temp)
         child = [sys.executable, str(Path(__file__).resolve()), "--clip", str(args.clip), "--work", str(work),
-                 "--answers", str(work / "answers.pkl"), "--report", str(work / "report.json")]
+                 "--answers", str(work / "answers.pkl"), "--report", str(work / "report.json"),
+                 "--processes", args.processes, "--pace", str(args.pace)]
         if args.mode == "replay":
             subprocess.run([*child, "--child", "record"], check=True)
         raw = work / "samples.txt"
         subprocess.run([py_spy, "record", "--gil", "--threads", "--nonblocking", "--rate", str(int(args.rate)),
                         "--format", "raw", "--output", str(raw), "--", *child, "--child", args.mode], check=True)
         report = json.loads((work / "report.json").read_text())
-        result = {"mode": args.mode, "clip": str(args.clip), "frames": report["frames"], "fps": report["fps"],
+        result = {"mode": args.mode, "processes": args.processes, "pace_fps": args.pace, "clip": str(args.clip), "frames": report["frames"], "fps": report["fps"],
                   "rate_hz": args.rate, **lock_held_by_thread(raw, args.rate, report["frames"], args.top)}
-    print(f"\n{args.mode} run of {result['clip']}: {result['frames']} frames at {result['fps']} frames/s")
+    print(f"\n{args.mode} run of {result['clip']} (redaction processes: {args.processes}): {result['frames']} frames "
+          f"at {result['fps']} frames/s")
     print("interpreter lock held, ms a frame: " + ", ".join(f"{stage} {ms}" for stage, ms in
                                                             result["ms_per_frame"].items())
           + f"; total {result['total_ms_per_frame']} (a ceiling of "

@@ -4,8 +4,9 @@
 #   device run, carry [.whl, var/bench/speed_clip.mp4]:  bash bench/gpu_check.sh var/bench/speed_clip.mp4
 #
 # .whl holds Python 3.12 wheels of what that machine lacks (PyAV, pydantic(-settings, -core), structlog,
-# watchdog, sdnotify and their small needs; see bench/README.md). Results go to $OUT (here: var/gpu-out).
-# Environment: REPEATS (3), VARIANTS (see below), BENCH_TIMEOUT / TEST_TIMEOUT (s), DEVICE (auto).
+# watchdog, sdnotify and their small needs; see bench/README.md), and py-spy for bench/gil.py. Results go to
+# $OUT (here: var/gpu-out). Environment: REPEATS (3), VARIANTS (see below), BENCH_TIMEOUT / TEST_TIMEOUT /
+# GIL_TIMEOUT (s), DEVICE (auto), GIL_MODES ("full replay"; "" skips the interpreter-lock runs).
 set -u
 out=${OUT:-var/gpu-out}
 mkdir -p "$out"
@@ -22,6 +23,15 @@ variants=${VARIANTS:-decode copy full replay batch=16 precision=fp32 preset=supe
 # shellcheck disable=SC2086  # the variant list is meant to split
 timeout "${BENCH_TIMEOUT:-240}" python3 bench/pipeline.py --clip "$clip" --repeats "${REPEATS:-3}" \
     --device "${DEVICE:-auto}" --timeout-s 60 --json "$out/speed.json" --variants $variants 2>&1 | tee "$out/speed.log"
+
+# Where the pipeline's threads hold the interpreter lock, with CUDA inference (full) and without (replay).
+if ls .whl/py_spy-*.whl > /dev/null 2>&1 && [ -n "${GIL_MODES-full replay}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/spy .whl/py_spy-*.whl
+    for mode in ${GIL_MODES-full replay}; do
+        PATH=/tmp/spy/bin:$PATH timeout "${GIL_TIMEOUT:-60}" python3 bench/gil.py --mode "$mode" --clip "$clip" \
+            --json "$out/gil-$mode.json" 2>&1 | grep -v '^py-spy>' | tee "$out/gil-$mode.log"
+    done
+fi
 
 # The tests where the detector may run on CUDA ("auto" device). The daemon tests pin the CPU: not here.
 timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -rfE -p no:cacheprovider tests/test_detect_infer.py \

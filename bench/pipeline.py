@@ -109,6 +109,10 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
     if defaults["encoder_nice"]:
         out.append(Measurement("nice=0", "full", "encoder threads at the detector's priority",
                                {"encoder": {"nice": 0}}))
+    # Redaction in helper processes (dashcamd/redact_processes.py), which "auto" uses on many-core hosts only.
+    processes = 0 if defaults["redaction_processes"] else 2
+    out.append(Measurement(f"processes={processes}", "full", f"{processes} redaction helper processes",
+                           {"redact": {"processes": processes}}))
     # dashcamd's tuning of veryfast (dashcamd/x264.py) against the plain preset, on both sides of the ratio.
     if defaults["preset"] == "veryfast" and defaults["x264_params"] is None:
         plain = {"encoder": {"x264_params": ""}}
@@ -406,6 +410,8 @@ def clip_description(clip: Path) -> dict:
 
 
 def default_detector_settings(config: Path | None, base_overrides: dict, work: Path) -> dict:
+    from dashcamd.pipeline import redaction_process_count
+
     spec = {"work": str(work), "overrides": base_overrides, "config": str(config) if config else None}
     settings = _child_settings(spec)
     detector = settings.detector
@@ -415,7 +421,8 @@ def default_detector_settings(config: Path | None, base_overrides: dict, work: P
             "precision": detector.precision, "runtime": detector.runtime, "weights": str(detector.weights),
             "preset": settings.encoder.preset, "x264_params": settings.encoder.x264_params,
             "encoder_nice": settings.encoder.nice,
-            "weak_detections": settings.detector_thresholds() != settings.detector.thresholds}
+            "weak_detections": settings.detector_thresholds() != settings.detector.thresholds,
+            "redaction_processes": redaction_process_count(settings)}
 
 
 def _cuda_expected(device_setting: str) -> bool:
