@@ -4,7 +4,8 @@ Four threads overlap the stages: the reader decodes ahead, this thread runs the 
 temporal filter, a third redacts, the writer encodes. Redaction has a thread of its own so that no thread
 carries two stages' Python work: with the detector on a GPU, one busy thread rather than the cores can bound
 the speed. On an H200 it did not raise the frame rate (README, "On a lent NVIDIA H200"); it costs nothing
-measurable on two cores.
+measurable on two cores. With ``[redact] processes`` the redact thread hands each frame to helper processes
+instead (dashcamd.redact_processes), so redaction's Python work leaves this interpreter's lock.
 Bounded queues between the stages keep memory flat: at most the tracker's look-ahead plus a few batches
 of frames are alive at any time.
 """

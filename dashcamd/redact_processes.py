@@ -6,8 +6,8 @@ without inference (bench/gil.py, README): a many-core GPU host can go no faster 
 the redact thread only sends each frame's slot number and boxes to a helper, which redacts the picture in
 place in the shared slot (dashcamd.shared_frames) and answers with the slot number.
 
-Helpers are started per clip with the clip's frame size (``python -m dashcamd.redact_processes``, about a
-third of a second) and stopped with it. A helper ignores Ctrl-C (the pipeline stops it) and exits when its
+Helpers are started per clip with the clip's frame size (``python -m dashcamd.redact_processes``: 0.3-0.45 s
+to the first answer for 1-2 helpers on the 2-core machine, while the pipeline starts up) and stopped with it. A helper ignores Ctrl-C (the pipeline stops it) and exits when its
 socket closes, so none outlives the worker process.
 """
 
@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 from dashcamd.boxes import RedactBox
@@ -63,7 +63,7 @@ class RedactionProcesses:
             raise self._died(process) from gone
         return helper
 
-    def wait(self, helper: int, stopping) -> bool:
+    def wait(self, helper: int, stopping: Callable[[], bool]) -> bool:
         """Block until ``helper`` has redacted the oldest picture sent to it (True), or ``stopping()`` (False)."""
         process, connection = self._helpers[helper]
         while not connection.poll(POLL_S):
@@ -101,7 +101,11 @@ class RedactionProcesses:
 
     @staticmethod
     def _died(process: subprocess.Popen) -> TransientError:
-        code = process.wait()
+        try:
+            code = process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # its socket broke while it still ran
+            process.kill()
+            code = process.wait()
         return TransientError(f"a redaction process exited (code {code}) during the clip")
 
 
