@@ -39,6 +39,31 @@ class _Det:
     score: float
 
 
+class _BoxRows:
+    """Boxes (N, 4) float64 appended at the end and dropped from the front, read back as slices of one array:
+    smoothing reads ~17 consecutive ones for every output box, which a list had to stack each time."""
+
+    def __init__(self) -> None:
+        self._rows = np.empty((32, 4))
+        self._start = self._end = 0
+
+    def append(self, box: np.ndarray) -> None:
+        if self._end == len(self._rows):
+            live = self._rows[self._start:self._end]
+            grown = np.empty((max(32, 2 * len(live)), 4))  # room to append at least as many again
+            grown[:len(live)] = live
+            self._rows, self._start, self._end = grown, 0, len(live)
+        self._rows[self._end] = box
+        self._end += 1
+
+    def drop_first(self, count: int) -> None:
+        self._start = min(self._start + count, self._end)
+
+    def rows(self, first: int, stop: int) -> np.ndarray:
+        """Rows first..stop-1 (counted from the oldest kept) as a view."""
+        return self._rows[self._start + first : self._start + stop]
+
+
 @dataclass
 class _Track:
     """Detections of one object; consecutive detections are at most gap_limit + 1 frames apart."""
@@ -52,7 +77,7 @@ class _Track:
     closed: bool = False
     # The core box of every frame from frames[0] to last: detected, or linearly interpolated across a gap.
     # Kept as detections arrive, so each output frame only slices it (smoothing reads ~17 frames of it).
-    core_boxes: list[np.ndarray] = field(default_factory=list)
+    core_boxes: _BoxRows = field(default_factory=_BoxRows)
 
     @property
     def last(self) -> int:
@@ -354,7 +379,7 @@ class TemporalFilter:
         first = track.frames[0]
         lo = max(frame_index - self._read_radius, first)
         hi = min(frame_index + self._read_radius, track.last)
-        core = np.stack(track.core_boxes[lo - first : hi - first + 1])
+        core = track.core_boxes.rows(lo - first, hi - first + 1)
         here = frame_index - lo
         held = core[max(here - self._hold, 0) : here + self._hold + 1]
         box = np.concatenate([held[:, :2].min(axis=0), held[:, 2:].max(axis=0)])
@@ -400,5 +425,5 @@ class TemporalFilter:
         for track in self._tracks:
             cut = bisect_left(track.frames, keep_from) - 1
             if cut > 0:
-                del track.core_boxes[:track.frames[cut] - track.frames[0]]
+                track.core_boxes.drop_first(track.frames[cut] - track.frames[0])
                 del track.frames[:cut], track.boxes_xyxy[:cut], track.scores[:cut]
