@@ -1,4 +1,5 @@
-"""Test helpers shared by several tests: condition polling instead of sleeps, a fake clock, scripts as modules."""
+"""Test helpers shared by several tests: condition polling instead of sleeps, a fake clock, scripts as modules,
+a detector double that answers by frame."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class ScriptedDetector:
+    """A detector double at the pipeline's seam: the n-th frame it is shown (from 0) gets ``answer(n)``, a list of
+    Detections in the frame's own pixels (it asks for full-size frames). ``frames_seen`` counts the frames."""
+
+    names = ["plate", "face"]
+    device = "cpu"
+
+    def __init__(self, answer: Callable[[int], list]) -> None:
+        self._answer = answer
+        self.frames_seen = 0
+
+    def resized_size(self, frame_h: int, frame_w: int) -> None:
+        return None
+
+    def detect(self, frames_rgb, source_hw=None) -> list[list]:
+        found = [self._answer(self.frames_seen + i) for i in range(len(frames_rgb))]
+        self.frames_seen += len(frames_rgb)
+        return found
 
 
 def load_script(relative_path: str) -> ModuleType:

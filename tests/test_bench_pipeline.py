@@ -6,29 +6,13 @@ from __future__ import annotations
 from dashcamd.config import load_settings
 from dashcamd.detect import Detection
 from dashcamd.pipeline import process_clip
-from tests.helpers import load_script
+from tests.helpers import ScriptedDetector, load_script
 from tests.media_factory import make_clip
 
 
-class MovingPlateDetector:
-    """A plate that moves 3 px a call, so each frame's answer differs; counts the frames it is shown."""
-
-    names = ["plate", "face"]
-    device = "cpu"
-
-    def __init__(self) -> None:
-        self.frames_seen = 0
-
-    def resized_size(self, frame_h, frame_w):
-        return None
-
-    def detect(self, frames_rgb, source_hw=None):
-        out = []
-        for _ in frames_rgb:
-            x = 20.0 + 3 * self.frames_seen
-            out.append([Detection(x, 40.0, x + 60.0, 70.0, "plate", 0.9)])
-            self.frames_seen += 1
-        return out
+def moving_plate_detector() -> ScriptedDetector:
+    """A plate that moves 3 px a frame shown, so each frame's answer differs."""
+    return ScriptedDetector(lambda n: [Detection(20.0 + 3 * n, 40.0, 80.0 + 3 * n, 70.0, "plate", 0.9)])
 
 
 def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_path):
@@ -37,7 +21,7 @@ def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_p
     settings = load_settings(None, {
         "paths": {"watch": [str(tmp_path)], "output": str(tmp_path / "out"), "state": str(tmp_path / "s")},
         "detector": {"detection_stride": 2, "batch_size": 3}})
-    detector = MovingPlateDetector()
+    detector = moving_plate_detector()
     replay = bench._ReplayDetector(detector)
     replay.record(clip, tmp_path / "out" / "record.mp4", settings)
     shown = detector.frames_seen
@@ -46,7 +30,7 @@ def test_replay_hands_back_the_recorded_boxes_without_running_the_detector(tmp_p
 
     replayed = process_clip(clip, tmp_path / "out" / "replayed.mp4", settings, replay,
                             boxes_path=tmp_path / "replayed.jsonl")
-    fresh = process_clip(clip, tmp_path / "out" / "fresh.mp4", settings, MovingPlateDetector(),
+    fresh = process_clip(clip, tmp_path / "out" / "fresh.mp4", settings, moving_plate_detector(),
                          boxes_path=tmp_path / "fresh.jsonl")
     assert detector.frames_seen == shown  # nothing ran the detector again
     assert replayed.detections == fresh.detections == {"plate": 15, "face": 0}

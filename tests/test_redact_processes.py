@@ -22,32 +22,16 @@ from dashcamd.media import ClipWriter
 from dashcamd.pipeline import process_clip, redaction_process_count
 from dashcamd.redact_processes import RedactionProcesses
 from dashcamd.shared_frames import SharedFrames, supported
-from tests.helpers import wait_for
+from tests.helpers import ScriptedDetector, wait_for
 from tests.media_factory import make_clip
 
 pytestmark = pytest.mark.skipif(not supported(), reason="shared frames need Linux memfd")
 
 
-class MovingBoxesDetector:
-    """A plate drifting right and a face drifting down, a little further on each frame asked about."""
-
-    names = ["plate", "face"]
-    device = "cpu"
-
-    def __init__(self) -> None:
-        self.frames_seen = 0
-
-    def resized_size(self, frame_h, frame_w):
-        return None
-
-    def detect(self, frames_rgb, source_hw=None):
-        found = []
-        for _ in frames_rgb:
-            step = 1.5 * self.frames_seen
-            found.append([Detection(40 + step, 60, 120 + step, 100, "plate", 0.9),
-                          Detection(200, 30 + step / 2, 250, 90 + step / 2, "face", 0.8)])
-            self.frames_seen += 1
-        return found
+def moving_boxes_detector() -> ScriptedDetector:
+    """A plate drifting right and a face drifting down, a little further on each frame shown."""
+    return ScriptedDetector(lambda n: [Detection(40 + 1.5 * n, 60, 120 + 1.5 * n, 100, "plate", 0.9),
+                                       Detection(200, 30 + 0.75 * n, 250, 90 + 0.75 * n, "face", 0.8)])
 
 
 def _settings(tmp_path: Path, processes: int):
@@ -115,9 +99,9 @@ def submitted(monkeypatch):
 
 
 def test_helpers_redact_exactly_as_the_redact_thread(tmp_path, clip, submitted, encoded):
-    in_thread = process_clip(clip, tmp_path / "out" / "thread.mp4", _settings(tmp_path, 0), MovingBoxesDetector())
+    in_thread = process_clip(clip, tmp_path / "out" / "thread.mp4", _settings(tmp_path, 0), moving_boxes_detector())
     assert not submitted
-    helped = process_clip(clip, tmp_path / "out" / "helped.mp4", _settings(tmp_path, 2), MovingBoxesDetector())
+    helped = process_clip(clip, tmp_path / "out" / "helped.mp4", _settings(tmp_path, 2), moving_boxes_detector())
     assert len(submitted) == helped.frames == in_thread.frames
     assert len(set(submitted)) > 2  # slots are reused, but more than one is in flight
     assert in_thread.cpu_ms_per_frame["helpers"] == 0 < helped.cpu_ms_per_frame["helpers"]
@@ -132,9 +116,9 @@ def test_when_the_slots_run_out_the_redact_thread_takes_over(tmp_path, clip, sub
         def __init__(self, width, height, slots, **kwargs):
             super().__init__(width, height, 3, **kwargs)
 
-    process_clip(clip, tmp_path / "out" / "thread.mp4", _settings(tmp_path, 0), MovingBoxesDetector())
+    process_clip(clip, tmp_path / "out" / "thread.mp4", _settings(tmp_path, 0), moving_boxes_detector())
     monkeypatch.setattr(pipeline, "SharedFrames", ThreeSlots)
-    report = process_clip(clip, tmp_path / "out" / "few.mp4", _settings(tmp_path, 1), MovingBoxesDetector())
+    report = process_clip(clip, tmp_path / "out" / "few.mp4", _settings(tmp_path, 1), moving_boxes_detector())
     assert 0 < len(submitted) < report.frames  # some frames in slots, the others private
     thread_pictures, few_slot_pictures = encoded.values()
     assert thread_pictures == few_slot_pictures
@@ -153,7 +137,7 @@ def test_a_helper_that_dies_fails_the_clip_as_transient_and_leaves_nothing(tmp_p
     monkeypatch.setattr(RedactionProcesses, "submit", submit_then_kill)
     output = tmp_path / "out" / "in.mp4"
     with pytest.raises(TransientError, match="redaction process exited"):
-        process_clip(clip, output, _settings(tmp_path, 1), MovingBoxesDetector())
+        process_clip(clip, output, _settings(tmp_path, 1), moving_boxes_detector())
     assert not output.exists()
     assert sorted(p.name for p in output.parent.iterdir()) == []  # no temp file either
     assert not _helper_pids()
