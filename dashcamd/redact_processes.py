@@ -1,14 +1,15 @@
 """Redaction in helper processes, so that its Python work stops holding the pipeline's interpreter lock.
 
 Why: the pipeline's threads share one interpreter lock, and the time each holds it adds up across them. On
-the 2-core machine redaction held it 2.2 of the 4.6 ms a 1080p frame the pipeline's threads held it in all,
-without inference (bench/gil.py, README): a many-core GPU host can go no faster than that sum allows. Here
-the redact thread only sends each frame's slot number and boxes to a helper, which redacts the picture in
-place in the shared slot (dashcamd.shared_frames) and answers with the slot number.
+the 2-core machine redaction held it about half of the time they held it in all (3.3-3.6 of 6.1-7.0 ms a
+1080p frame, without inference; bench/gil.py, README "Measured speed"): a many-core GPU host can go no
+faster than that sum allows. Here the redact thread only sends each frame's slot number and boxes to a
+helper, which redacts the picture in place in the shared slot (dashcamd.shared_frames) and answers.
 
 Helpers are started per clip with the clip's frame size (``python -m dashcamd.redact_processes``: 0.3-0.45 s
-to the first answer for 1-2 helpers on the 2-core machine, while the pipeline starts up) and stopped with it. A helper ignores Ctrl-C (the pipeline stops it) and exits when its
-socket closes, so none outlives the worker process.
+to the first answer for 1-2 helpers on the 2-core machine, while the pipeline starts up) and stopped with it.
+A helper ignores Ctrl-C (the pipeline stops it) and exits when its socket closes, so none outlives the
+worker process.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class SharedFrames:
             return None
         return self.picture(slot, give_back=self._free.append)
 
-    def picture(self, slot: int, give_back=None) -> Picture:
+    def picture(self, slot: int, give_back: Callable[[int], None] | None = None) -> Picture:
         """The picture in ``slot``; ``give_back(slot)`` runs once it is copied out to the encoder."""
         start = slot * self.slot_bytes
         return Picture.in_slot(self._memory[start:start + self.slot_bytes], self.width, self.height, slot,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dashcamd import pipeline
+from dashcamd.boxes import RedactBox
 from dashcamd.config import RedactSettings, load_settings
 from dashcamd.detect import Detection
 from dashcamd.errors import TransientError
@@ -140,6 +141,20 @@ def test_a_helper_that_dies_fails_the_clip_as_transient_and_leaves_nothing(tmp_p
         process_clip(clip, output, _settings(tmp_path, 1), moving_boxes_detector())
     assert not output.exists()
     assert sorted(p.name for p in output.parent.iterdir()) == []  # no temp file either
+    assert not _helper_pids()
+
+
+def test_a_helper_that_cannot_redact_says_why():
+    frames = SharedFrames(64, 48, 2)
+    helpers = RedactionProcesses(RedactSettings(), "bt709", frames, 1)
+    try:
+        nowhere = RedactBox(float("nan"), 0.0, 10.0, 10.0, "plate", 0.9, "detected")
+        helper = helpers.submit(frames.take().slot, [nowhere])
+        with pytest.raises(RuntimeError, match="redaction process failed: ValueError: box with non-finite"):
+            helpers.wait(helper, lambda: False)
+    finally:
+        helpers.close()
+        frames.close()
     assert not _helper_pids()
 
 
