@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import os, torch, av; print('cores', os.cpu_count(), 'torch', torch.__version__, 'cuda',
 torch.cuda.is_available(), 'av', av.__version__)" 2>&1 | tee -a "$out/gpu.txt"
 
-variants=${VARIANTS:-decode copy full replay batch=16 precision=fp32 preset=superfast}
+variants=${VARIANTS:-copy full replay processes=0 preset=superfast copy:preset=superfast}
 # shellcheck disable=SC2086  # the variant list is meant to split
 timeout "${BENCH_TIMEOUT:-240}" python3 bench/pipeline.py --clip "$clip" --repeats "${REPEATS:-3}" \
     --device "${DEVICE:-auto}" --timeout-s 60 --json "$out/speed.json" --variants $variants 2>&1 | tee "$out/speed.log"

@@ -103,6 +103,8 @@ def plan_measurements(defaults: dict, cuda: bool) -> list[Measurement]:
         if preset != defaults["preset"]:
             out.append(Measurement(f"preset={preset}", "full", f"x264 preset {preset}",
                                    {"encoder": {"preset": preset}}))
+            out.append(Measurement(f"copy:preset={preset}", "copy", f"copy limit with x264 preset {preset}",
+                                   {"encoder": {"preset": preset}}))
     if defaults["weak_detections"]:
         out.append(Measurement("continue=off", "full", "no weak detections for the tracker (continue_threshold 1)",
                                {"redact": {"continue_threshold": 1.0}}))
@@ -387,9 +389,11 @@ def print_table(measurements: list[Measurement], summaries: dict[str, dict], cli
     if full.get("ok") and copy.get("ok"):
         print(f"\nfull / copy limit = {full['fps_median'] / copy['fps_median']:.2f} "
               f"(1.0 = detection and redaction cost nothing on top of decode + encode)")
-    plain, plain_copy = summaries.get("x264=plain", {}), summaries.get("copy:x264=plain", {})
-    if plain.get("ok") and plain_copy.get("ok"):
-        print(f"with plain veryfast on both sides: {plain['fps_median'] / plain_copy['fps_median']:.2f}")
+    for variant, what in [("x264=plain", "plain veryfast"),
+                          *((f"preset={preset}", f"preset {preset}") for preset in ENCODER_PRESETS)]:
+        full_with, copy_with = summaries.get(variant, {}), summaries.get(f"copy:{variant}", {})
+        if full_with.get("ok") and copy_with.get("ok"):
+            print(f"with {what} on both sides: {full_with['fps_median'] / copy_with['fps_median']:.2f}")
     staged = [m for m in measurements if "stage_cpu_ms_per_frame" in summaries[m.name]]
     if staged:
         stages = list(summaries[staged[0].name]["stage_cpu_ms_per_frame"])
