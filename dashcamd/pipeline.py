@@ -140,14 +140,18 @@ def process_clip(
             # The decoder shrinks frames for the detector (see ClipReader); a detector that answers
             # None does not look at pixels (test doubles, the benchmark's copy limit) and gets None.
             detector_size = detector.resized_size(info.height, info.width)
-            frames, helpers = _start_redaction_processes(settings, info.width, info.height, info.color_matrix)
+            temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride,
+                                      start_thresholds=settings.detector.thresholds)
+            frames, helpers = _start_redaction_processes(settings, info.width, info.height, info.color_matrix,
+                                                         temporal.lookahead_frames)
             try:
                 with (ClipReader(source, info=info, detector_size=detector_size,
                                  pictures=frames.take if frames else None) as reader,
                       ClipWriter(temp_video, reader, settings.encoder) as writer):
                     boxes_file = temp_boxes.open("w", encoding="utf-8") if temp_boxes else None
                     try:
-                        done = _run_stages(reader, writer, settings, detector, on_progress, boxes_file, helpers)
+                        done = _run_stages(reader, writer, settings, detector, temporal, on_progress, boxes_file,
+                                           helpers)
                     finally:
                         if boxes_file is not None:
                             boxes_file.close()
@@ -190,7 +194,7 @@ def process_clip(
     )
 
 
-def _start_redaction_processes(settings: Settings, width: int, height: int, color_matrix: str
+def _start_redaction_processes(settings: Settings, width: int, height: int, color_matrix: str, look_ahead: int
                                ) -> tuple[SharedFrames | None, RedactionProcesses | None]:
     """Shared frame slots and the helpers that redact in them, or (None, None) for redaction in-thread.
 
@@ -200,7 +204,6 @@ def _start_redaction_processes(settings: Settings, width: int, height: int, colo
     count = redaction_process_count(settings)
     if count == 0:
         return None, None
-    look_ahead = TemporalFilter(settings.redact, (width, height), settings.detector.detection_stride).lookahead_frames
     # Queues (3 x 2 batches), the batch being filled, the tracker's window (look-ahead + a batch), the frames
     # out at the helpers (2 each), and one in each stage's hands.
     slots = look_ahead + 8 * settings.detector.batch_size + 2 * count + 4
@@ -229,7 +232,7 @@ class _StagesDone(NamedTuple):
     counts: dict[str, int]  # detections per class
     frames: int  # frames written
     redacted: int  # frames with at least one redacted region
-    cpu_s: dict[str, float]  # CPU seconds of each stage's own thread: decode, detect (+ track), redact, encode
+    cpu_s: dict[str, float]  # CPU seconds of each stage's own thread: decode, detect, track, redact, encode
 
 
 def _run_stages(
@@ -237,15 +240,14 @@ def _run_stages(
     writer: ClipWriter,
     settings: Settings,
     detector,
+    temporal: TemporalFilter,
     on_progress: ProgressCallback | None,
     boxes_file: TextIO | None,
-    helpers: RedactionProcesses | None = None,
+    helpers: RedactionProcesses | None,
 ) -> _StagesDone:
     detect_cpu_started = time.thread_time()
     info = reader.info
     frames_total = info.frame_count
-    temporal = TemporalFilter(settings.redact, (info.width, info.height), settings.detector.detection_stride,
-                              start_thresholds=settings.detector.thresholds)
     batch_size = settings.detector.batch_size
     source_hw = (info.height, info.width)
     decoded: queue.Queue = queue.Queue(maxsize=2 * batch_size)
@@ -355,8 +357,8 @@ def _redact_frames(in_queue: queue.Queue, out: queue.Queue, redactor: Redactor, 
                 boxes_file.write(_boxes_line(frame, boxes))
         pending.append((item, helper))
         while pending and (item is _END or pending[0][1] is None or len(pending) > out_at_once):
-            oldest, helper = pending.popleft()
-            if helper is not None and not helpers.wait(helper, stop.is_set):
+            oldest, its_helper = pending.popleft()
+            if its_helper is not None and not helpers.wait(its_helper, stop.is_set):
                 return
             if not _put(out, oldest, stop, failure) or oldest is _END:
                 return
