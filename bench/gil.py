@@ -40,6 +40,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path[:0] = [str(REPO_ROOT), str(BENCH_DIR)]
 
+import pipeline as speed_bench  # noqa: E402  (bench/pipeline.py: its replay of the detector's answers)
 import synth  # noqa: E402
 
 # py-spy names each sample's thread; the main thread counts only inside process_clip (not start-up).
@@ -47,32 +48,19 @@ STAGE_THREADS = {"dashcamd-decode": "decode", "dashcamd-redact": "redact", "dash
 MAIN_THREAD, MAIN_STAGE, MAIN_WINDOW = "MainThread", "detect+track", "process_clip ("
 
 
-class _Recorder:
-    """The real detector, with every answer kept (record) or given back without inference (replay)."""
+class _PacedReplay(speed_bench._ReplayDetector):
+    """The speed benchmark's replay of recorded answers, held to ``pace_fps`` frames a second when set."""
 
-    def __init__(self, detector, answers: list | None = None, pace_fps: float = 0.0) -> None:
-        self._detector = detector
-        self.names, self.device = detector.names, detector.device
-        self.answers = [] if answers is None else answers
-        self._replaying = answers is not None
-        self._next = 0
+    def __init__(self, detector, recorded: list[list], pace_fps: float) -> None:
+        super().__init__(detector, recorded)
         self._pace_fps = pace_fps
         self._started: float | None = None
 
-    def resized_size(self, frame_h: int, frame_w: int):
-        return self._detector.resized_size(frame_h, frame_w)
-
-    def detect(self, frames_rgb, source_hw=None) -> list:
-        if self._replaying:
-            if self._pace_fps:
-                self._started = self._started or time.monotonic()
-                time.sleep(max(0.0, self._started + self._next / self._pace_fps - time.monotonic()))
-            found = self.answers[self._next:self._next + len(frames_rgb)]
-            self._next += len(frames_rgb)
-            return found
-        found = self._detector.detect(frames_rgb, source_hw=source_hw)
-        self.answers.extend(found)
-        return found
+    def detect(self, frames_rgb, source_hw=None) -> list[list]:
+        if self._pace_fps:
+            self._started = self._started or time.monotonic()
+            time.sleep(max(0.0, self._started + self._replayed / self._pace_fps - time.monotonic()))
+        return super().detect(frames_rgb, source_hw)
 
 
 def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path: Path | None,
@@ -95,9 +83,9 @@ def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path
     detector = load_detector(settings)
     output = work / f"{mode}.mp4"
     if mode == "record":
-        recorder = _Recorder(detector)
-        process_clip(clip, output, settings, recorder)
-        answers_path.write_bytes(pickle.dumps(recorder.answers))
+        recorder = speed_bench._ReplayDetector(detector)
+        recorder.record(clip, output, settings)
+        answers_path.write_bytes(pickle.dumps(recorder.recorded))
         return
     if mode == "full":
         import numpy as np
@@ -106,7 +94,7 @@ def run_child(mode: str, clip: Path, answers_path: Path, work: Path, report_path
         blank = np.zeros((*detector.resized_size(info.height, info.width), 3), np.uint8)
         detector.detect([blank] * settings.detector.batch_size, source_hw=(info.height, info.width))  # warm-up
     else:
-        detector = _Recorder(detector, pickle.loads(answers_path.read_bytes()), pace_fps)
+        detector = _PacedReplay(detector, pickle.loads(answers_path.read_bytes()), pace_fps)
     report = process_clip(clip, output, settings, detector)
     report_path.write_text(json.dumps(report.as_fields()))
 

@@ -154,14 +154,15 @@ class _NullDetector:
 
 class _ReplayDetector:
     """The real detector's answers for one clip, recorded in an untimed first ``process_clip`` (so the
-    calls, strides and batches are the pipeline's own), then handed back at no cost."""
+    calls, strides and batches are the pipeline's own), then handed back at no cost. ``recorded``: answers
+    recorded before (e.g. by another process, as bench/gil.py does), to replay from the start."""
 
-    def __init__(self, detector) -> None:
+    def __init__(self, detector, recorded: list[list] | None = None) -> None:
         self._detector = detector
         self.names, self.device = detector.names, detector.device
-        self._recorded: list[list] = []
+        self.recorded: list[list] = [] if recorded is None else recorded
         self._replayed = 0
-        self._replaying = False
+        self._replaying = recorded is not None
 
     def record(self, clip: Path, output: Path, settings) -> None:
         from dashcamd.pipeline import process_clip
@@ -178,9 +179,9 @@ class _ReplayDetector:
     def detect(self, frames_rgb: Sequence, source_hw=None) -> list[list]:
         if not self._replaying:
             found = self._detector.detect(frames_rgb, source_hw=source_hw)
-            self._recorded.extend(found)
+            self.recorded.extend(found)
             return found
-        found = self._recorded[self._replayed:self._replayed + len(frames_rgb)]
+        found = self.recorded[self._replayed:self._replayed + len(frames_rgb)]
         self._replayed += len(frames_rgb)
         return found
 
