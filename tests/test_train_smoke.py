@@ -92,6 +92,19 @@ def test_fit_minutes_ends_the_run_inside_its_budget(tmp_path):
     assert "dev" in last["state"]["history"][-1]
 
 
+def test_loss_overrides_reach_the_loss_and_the_checkpoint(tmp_path):
+    """--loss sets LossConfig's gains: with the box and class gains at 0 only objectness is learned."""
+    data = _tiny_sets(tmp_path)
+    run = tmp_path / "run"
+    assert main(["fit", "--run-dir", str(run), *data, "--batch-size", "2", "--crop-px", "64", "--threads", "1",
+                 "--epochs", "1", "--dev-fraction", "0.5", "--eval-size-px", "96", "--device", "cpu",
+                 "--loss", '{"box_gain": 0, "cls_gain": 0}']) == 0
+    last = torch.load(run / "last.pt", weights_only=False)
+    box, obj, cls = last["state"]["history"][-1]["loss_box_obj_cls"]
+    assert box == 0 and cls == 0 and obj > 0
+    assert last["config"]["loss"] == {"box_gain": 0, "cls_gain": 0}
+
+
 def test_a_run_with_loader_workers_and_an_eval_every_epoch_completes(tmp_path):
     """The path a GPU machine uses: forked loader workers, re-created each epoch after a dev eval that
     resizes full-size photos in the trainer. It once hung there (OpenCV's thread pool after fork, which

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke tests)")
     fit.add_argument("--augment", type=json.loads, default={},
                      help='AugmentConfig overrides as JSON, e.g. \'{"p_night": 0.3}\'')
+    fit.add_argument("--loss", type=json.loads, default={},
+                     help='LossConfig overrides as JSON, e.g. \'{"box_gain": 0.1}\'')
 
     exp = sub.add_parser("export", help="write a run checkpoint's EMA weights in the detector format (fp16)")
     exp.add_argument("checkpoint", type=Path, help="RUN_DIR/best.pt or last.pt")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                       lr=args.lr, final_lr_factor=args.final_lr_factor, warmup_epochs=args.warmup_epochs,
                       eval_every_epochs=args.eval_every_epochs, eval_size_px=args.eval_size_px,
                       save_every_min=args.save_every_min, workers=args.workers, threads=args.threads,
-                      seed=args.seed, max_steps=args.max_steps, augment=args.augment,
+                      seed=args.seed, max_steps=args.max_steps, augment=args.augment, loss=args.loss,
                       init_weights=str(args.init) if args.init else "", device=_device(args.device),
                       fit_minutes=args.fit_minutes)
     metrics = train(cfg, train_s, dev_s, resume=args.resume)

@@ -20,7 +20,7 @@ import torch
 from . import model_api
 from .dataset import CLASS_NAMES, AugmentConfig, Sample, TrainDataset, collate
 from .dev_eval import evaluate
-from .loss import YoloV5Loss
+from .loss import LossConfig, YoloV5Loss
 from .optim import ModelEMA, lr_factor, make_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class TrainConfig:
     # to continue on a machine where the git-ignored run folder is gone. Optimiser state starts fresh.
     init_weights: str = ""
     augment: dict = field(default_factory=dict)
+    loss: dict = field(default_factory=dict)  # LossConfig overrides
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -122,7 +123,8 @@ def train(cfg: TrainConfig, train_samples: list[Sample], dev_samples: list[Sampl
 
     model = model_api.build(cfg.model_size).to(device)  # before the optimiser and EMA see its tensors
     strides, anchors_px = model_api.head_geometry(model)
-    loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES))  # the head's buffers: already on the device
+    # the head's buffers: already on the device
+    loss_fn = YoloV5Loss(strides, anchors_px, len(CLASS_NAMES), LossConfig(**cfg.loss))
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     ema = ModelEMA(model)
     # samples (not batches) seen in the current epoch, so a resume may change the batch size.
