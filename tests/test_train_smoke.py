@@ -79,27 +79,25 @@ def test_two_steps_checkpoint_resume_and_export(tmp_path):
                           raw["state_dict"]["model.0.conv.weight"].float(), atol=1e-2)
 
 
+def _fit_tiny_run(tmp_path: Path, *args: str) -> dict:
+    """`fit` on the tiny sets on the CPU with ``args`` added; returns the run's last checkpoint."""
+    run = tmp_path / "run"
+    assert main(["fit", "--run-dir", str(run), *_tiny_sets(tmp_path), "--batch-size", "2", "--crop-px", "64",
+                 "--threads", "1", "--dev-fraction", "0.5", "--eval-size-px", "96", "--device", "cpu", *args]) == 0
+    return torch.load(run / "last.pt", weights_only=False)
+
+
 def test_fit_minutes_ends_the_run_inside_its_budget(tmp_path):
     """A budget far shorter than one epoch: the planned 50 epochs shrink to the one already run,
     which is then evaluated and saved as the final epoch."""
-    data = _tiny_sets(tmp_path)
-    run = tmp_path / "run"
-    assert main(["fit", "--run-dir", str(run), *data, "--batch-size", "2", "--crop-px", "64", "--threads", "1",
-                 "--epochs", "50", "--dev-fraction", "0.5", "--eval-size-px", "96", "--device", "cpu",
-                 "--fit-minutes", "0.0001"]) == 0
-    last = torch.load(run / "last.pt", weights_only=False)
+    last = _fit_tiny_run(tmp_path, "--epochs", "50", "--fit-minutes", "0.0001")
     assert last["state"]["epoch"] == 1 and last["config"]["epochs"] == 1
     assert "dev" in last["state"]["history"][-1]
 
 
 def test_loss_overrides_reach_the_loss_and_the_checkpoint(tmp_path):
     """--loss sets LossConfig's gains: with the box and class gains at 0 only objectness is learned."""
-    data = _tiny_sets(tmp_path)
-    run = tmp_path / "run"
-    assert main(["fit", "--run-dir", str(run), *data, "--batch-size", "2", "--crop-px", "64", "--threads", "1",
-                 "--epochs", "1", "--dev-fraction", "0.5", "--eval-size-px", "96", "--device", "cpu",
-                 "--loss", '{"box_gain": 0, "cls_gain": 0}']) == 0
-    last = torch.load(run / "last.pt", weights_only=False)
+    last = _fit_tiny_run(tmp_path, "--epochs", "1", "--loss", '{"box_gain": 0, "cls_gain": 0}')
     box, obj, cls = last["state"]["history"][-1]["loss_box_obj_cls"]
     assert box == 0 and cls == 0 and obj > 0
     assert last["config"]["loss"] == {"box_gain": 0, "cls_gain": 0}
