@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import torch
 
-from dashcamd.train.dataset import Sample
-from dashcamd.train.dev_eval import evaluate
+from dashcamd.config import DetectorSettings
+from dashcamd.train.dataset import CLASS_NAMES, Sample
+from dashcamd.train.dev_eval import daemon_thresholds, evaluate
 
 
 def test_hidden_counts_what_the_eval_counts_where_ap50_accepts_half_a_box(tmp_path: Path) -> None:
@@ -24,4 +25,8 @@ def test_hidden_counts_what_the_eval_counts_where_ap50_accepts_half_a_box(tmp_pa
     metrics = evaluate(lambda images: detections, [sample], image_size=100)
     assert metrics["plate_hidden"] == 1.0 and metrics["face_hidden"] == 0.0
     assert metrics["plate_ap50"] == 1.0 and metrics["face_ap50"] == 1.0
-    assert evaluate(lambda images: detections, [sample], image_size=100, hidden_conf=0.005)["face_hidden"] == 1.0
+    lowered = evaluate(lambda images: detections, [sample], image_size=100, hidden_thresholds=[0.5, 0.005])
+    assert lowered["face_hidden"] == 1.0 and lowered["plate_hidden"] == 1.0
+    assert evaluate(lambda images: detections, [sample], image_size=100,
+                    hidden_thresholds=[0.6, 0.005])["plate_hidden"] == 0.0  # per class: the plate's box is out
+    assert dict(zip(CLASS_NAMES, daemon_thresholds().tolist())) == DetectorSettings().thresholds

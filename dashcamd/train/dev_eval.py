@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from dashcamd.boxes import pairwise_iou
+from dashcamd.config import DetectorSettings
 from dashcamd.detect.evaluate import hidden
+from dashcamd.detect.infer import DEFAULT_THRESHOLD
 
 from .dataset import CLASS_NAMES, Sample, letterbox, read_rgb
 
@@ -45,25 +47,33 @@ def match_detections(dets: np.ndarray, gt_boxes: np.ndarray, iou_thresh: float =
     return is_tp
 
 
+def daemon_thresholds() -> np.ndarray:
+    """float (nc,): the daemon's default threshold of each class, in CLASS_NAMES order."""
+    defaults = DetectorSettings.model_fields["thresholds"].default_factory()
+    return np.array([defaults.get(name, DEFAULT_THRESHOLD) for name in CLASS_NAMES])
+
+
 @torch.no_grad()
 def evaluate(predict, samples: list[Sample], image_size: int, recall_conf: float = 0.25,
-             hidden_conf: float = 0.05) -> dict:
+             hidden_thresholds: np.ndarray | None = None) -> dict:
     """Score a detector on samples letterboxed to image_size.
 
     predict: callable(images float32 (1, 3, S, S) RGB [0, 1]) -> (N, 6) tensor [x1, y1, x2, y2,
     score, cls] in that input's pixels. Returns {"<class>_ap50", "<class>_recall", "<class>_hidden",
     "score"} where score is the mean AP50 over classes with labels (the number best.pt is chosen by) and
     hidden is ``dashcamd eval``'s rule (>= 80 % of the object under detections of any class scoring at
-    least ``hidden_conf``, the daemon's default thresholds). Why both: AP@0.5 accepts a box that covers
-    half an object; the eval's misses are mostly such boxes (model card, eleventh session).
+    least their class's ``hidden_thresholds``, by default ``daemon_thresholds()``). Why both: AP@0.5
+    accepts a box that covers half an object; the eval's misses are mostly such boxes (model card,
+    eleventh session).
     """
+    thresholds = daemon_thresholds() if hidden_thresholds is None else np.asarray(hidden_thresholds)
     per_class = {c: {"scores": [], "tp": [], "gt": 0, "hit": 0, "hidden": 0} for c in range(len(CLASS_NAMES))}
     for s in samples:
         image, scale, (px, py) = letterbox(read_rgb(s.image_path), image_size)
         x = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)[None]
         dets = predict(x).cpu().numpy().astype(np.float64)
         gt = s.boxes_xyxy * scale + np.array([px, py, px, py], np.float32)
-        covers = [[*box[:4], "any"] for box in dets[dets[:, 4] >= hidden_conf]]
+        covers = [[*box[:4], "any"] for box in dets[dets[:, 4] >= thresholds[dets[:, 5].astype(int)]]]
         for c, acc in per_class.items():
             d, g = dets[dets[:, 5] == c], gt[s.classes == c]
             tp = match_detections(d[:, :5], g)
