@@ -17,9 +17,10 @@ the lock. ``full``: one subprocess under py-spy runs the real detector (after a 
 detect thread's share includes what inference holds the lock for (on CUDA, every kernel launch). Samples in
 the stage threads and under ``process_clip`` in the main thread, divided by the sampling rate and the
 frames, give lock-held ms a frame per thread. ``--processes``: ``[redact] processes`` (helper processes
-redacting outside this interpreter; the settings' "auto" picks none on fewer than 8 cores). Where threads outnumber idle cores (2 cores here), a thread the
-system pre-empts while it holds the lock still counts as holding it: figures there are upper bounds, unless
-``--pace`` holds the replay to a rate that leaves the cores idle part of the time.
+redacting outside this interpreter; the settings' "auto" picks none on fewer than 8 cores). Where threads
+outnumber idle cores (2 cores here), a thread the system pre-empts while it holds the lock still counts as
+holding it: figures there are upper bounds, unless ``--pace`` holds the replay to a rate that leaves the
+cores idle part of the time.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([py_spy, "record", "--gil", "--threads", "--nonblocking", "--rate", str(int(args.rate)),
                         "--format", "raw", "--output", str(raw), "--", *child, "--child", args.mode], check=True)
         report = json.loads((work / "report.json").read_text())
-        result = {"mode": args.mode, "processes": args.processes, "pace_fps": args.pace, "clip": str(args.clip), "frames": report["frames"], "fps": report["fps"],
+        result = {"mode": args.mode, "processes": args.processes, "pace_fps": args.pace, "clip": str(args.clip),
+                  "frames": report["frames"], "fps": report["fps"],
                   "rate_hz": args.rate, **lock_held_by_thread(raw, args.rate, report["frames"], args.top)}
     print(f"\n{args.mode} run of {result['clip']} (redaction processes: {args.processes}): {result['frames']} frames "
           f"at {result['fps']} frames/s")
