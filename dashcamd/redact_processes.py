@@ -86,7 +86,7 @@ class RedactionProcesses:
 
     def close(self) -> None:
         """Ask every helper to stop; kill any that has not within STOP_TIMEOUT_S."""
-        for process, connection in self._helpers:
+        for _, connection in self._helpers:
             try:
                 connection.send(None)
             except OSError:
