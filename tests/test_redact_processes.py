@@ -23,6 +23,7 @@ from dashcamd.media import ClipWriter
 from dashcamd.pipeline import process_clip, redaction_process_count
 from dashcamd.redact_processes import RedactionProcesses
 from dashcamd.shared_frames import SharedFrames, supported
+from tests.fault_helpers import pid_gone
 from tests.helpers import ScriptedDetector, wait_for
 from tests.media_factory import make_clip
 
@@ -174,14 +175,7 @@ def test_helpers_exit_when_their_parent_is_killed(tmp_path):
     assert len(helper_pids) == 2
     parent.kill()
     parent.wait()
-
-    def gone(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    wait_for(lambda: all(gone(pid) for pid in helper_pids), timeout_s=10, what="helpers to exit")
+    wait_for(lambda: all(pid_gone(pid) for pid in helper_pids), timeout_s=10, what="helpers to exit")
 
 
 def test_shared_slots_are_one_memory_across_processes():
